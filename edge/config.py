@@ -1,0 +1,54 @@
+"""Typed configuration that rejects unknown keys and round-trips through JSON.
+
+Every config in the project derives from :class:`StrictModel`: a misspelt key is an error, never
+a silently ignored setting. Configs are frozen so a running process cannot drift from the file
+it was started with.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+ConfigT = TypeVar("ConfigT", bound="StrictModel")
+
+
+class ConfigError(ValueError):
+    """A configuration file is missing, unreadable or does not match its schema."""
+
+
+class StrictModel(BaseModel):
+    """Base of every config: unknown keys are rejected, instances are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+    @classmethod
+    def from_json(cls: type[ConfigT], text: str, source: str = "<string>") -> ConfigT:
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as error:
+            raise ConfigError(f"{source}: {error}") from error
+
+    @classmethod
+    def load(cls: type[ConfigT], path: str | Path) -> ConfigT:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as error:
+            raise ConfigError(f"{path}: cannot read ({error.strerror})") from error
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path}: not valid JSON ({error})") from error
+        return cls.from_json(text, source=str(path))
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json() + "\n", encoding="utf-8")
