@@ -18,6 +18,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "model-info": ("edge.model.info", "parameters, GFLOP per crop and skip concatenations"),
     "train": ("edge.train", "train Diff-Fastener on normal crops"),
     "eval": ("edge.evaluate.run", "image/pixel AUROC, AUPRO, F1 on a test set"),
+    "prepare-crops": (
+        "edge.datasets.prepare",
+        "aligned fastener crops from labelled top-down track images",
+    ),
 }
 
 

@@ -1,8 +1,10 @@
 """Model configuration and the named presets.
 
 ``paper`` is the network of the Diff-Fastener paper (and of DiffusionAD, on which it builds):
-256 px colour crops, base width 128. ``edge`` is sized for the vehicle: at most 40 GFLOP per
-crop, so an AGX Orin can keep up at 160 km/h (research/perf-anchors.md, B4). ``tiny`` is for
+256 px colour crops, base width 128. ``edge`` is sized for the vehicle: far under the 40 GFLOP
+per crop at which an AGX Orin keeps up at 160 km/h (research/perf-anchors.md, B4), narrow
+enough (base 16, one residual block per level) to train about four times faster than ``edge-l``
+(base 32, two blocks), which exists to measure what the smaller size costs. ``tiny`` is for
 tests on a CPU. A preset is a starting point: every field can be overridden, and the resolved
 config is stored in each checkpoint and each exported graph's metadata.
 """
@@ -103,6 +105,20 @@ PRESETS: dict[str, ModelConfig] = {
     "paper": ModelConfig(preset="paper"),
     "edge": ModelConfig(
         preset="edge",
+        image_size=64,
+        in_channels=1,
+        denoiser=DenoiserConfig(
+            base_channels=16,
+            channel_mults=(1, 2, 2, 4),
+            num_res_blocks=1,
+            attention_resolutions=(16, 8),
+            norm_groups=8,
+        ),
+        segmenter=SegmenterConfig(base_channels=16, channel_mults=(1, 2, 4, 8, 8)),
+        top_k=16,
+    ),
+    "edge-l": ModelConfig(
+        preset="edge-l",
         image_size=64,
         in_channels=1,
         denoiser=DenoiserConfig(

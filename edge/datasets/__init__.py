@@ -1,0 +1,1 @@
+"""Building crop sets for training and evaluation from labelled track images."""
