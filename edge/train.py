@@ -35,7 +35,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from edge.config import StrictModel
-from edge.errors import InputUnreadableError
+from edge.evaluate.datasets import load_normal_images
 from edge.logs import configure, get_logger
 from edge.model.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from edge.model.config import PRESETS, ModelConfig, preset
@@ -43,8 +43,6 @@ from edge.model.detector import DiffFastener
 from edge.synthesis import SynthesisConfig, centre_foreground, synthesize
 
 log = get_logger(__name__)
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
 class TrainConfig(StrictModel):
@@ -88,33 +86,11 @@ class TrainConfig(StrictModel):
         return self
 
 
-def load_normal_images(folder: str | Path, config: ModelConfig) -> tuple[np.ndarray, list[str]]:
-    """All images under ``folder`` (or its ``train/good``), resized for the model.
-
-    Returns:
-        ``(images, paths)``: float32 ``(N, H, W, C)`` in ``[0, 1]`` and the file paths, sorted.
-    """
-    folder = Path(folder)
-    if (folder / "train" / "good").is_dir():
-        folder = folder / "train" / "good"
-    if not folder.is_dir():
-        raise InputUnreadableError(f"{folder}: not a folder of normal crops")
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise InputUnreadableError(f"{folder}: holds no images ({sorted(IMAGE_SUFFIXES)})")
-    size = config.image_size
-    images = []
-    for path in paths:
-        flag = cv2.IMREAD_GRAYSCALE if config.in_channels == 1 else cv2.IMREAD_COLOR
-        image = cv2.imread(str(path), flag | cv2.IMREAD_ANYDEPTH)
-        if image is None:
-            raise InputUnreadableError(f"{path}: not a readable image")
-        scale = 65535.0 if image.dtype == np.uint16 else 255.0
-        image = cv2.resize(image.astype(np.float32) / scale, (size, size), cv2.INTER_AREA)
-        if config.in_channels == 3:
-            image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-        images.append(image.reshape(size, size, config.in_channels))
-    return np.stack(images).astype(np.float32), [str(p) for p in paths]
+def load_training_images(folder: str | Path, config: ModelConfig) -> np.ndarray:
+    """Normal crops of ``folder`` (or its ``train/good``) for the model, as float32
+    ``(N, H, W, C)`` in ``[0, 1]``."""
+    crops = load_normal_images(folder, config.image_size, config.in_channels).crops
+    return np.ascontiguousarray(crops.transpose(0, 2, 3, 1) / 255.0).astype(np.float32)
 
 
 def focal_loss(logits, target, alpha: float, gamma: float):
@@ -280,7 +256,7 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> Path:
         (out_dir / "train_config.json").write_text(config.to_json() + "\n")
 
     # 1. Data: normal crops, a validation split held out of training.
-    images, paths = load_normal_images(config.data_dir, config.model)
+    images = load_training_images(config.data_dir, config.model)
     order = np.random.default_rng(config.seed).permutation(len(images))
     n_val = int(round(config.val_fraction * len(images)))
     val_images, train_images = images[order[:n_val]], images[order[n_val:]]
