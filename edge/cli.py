@@ -13,6 +13,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from edge.errors import EdgeError
+
 # name -> (module, one-line help). The module provides add_arguments() and run().
 COMMANDS: dict[str, tuple[str, str]] = {
     "model-info": ("edge.model.info", "parameters, GFLOP per crop and skip concatenations"),
@@ -22,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "edge.datasets.prepare",
         "aligned fastener crops from labelled top-down track images",
     ),
+    "record": ("edge.grabber.record", "a recording (.mkv + sidecars) from stills or a strip"),
 }
 
 
@@ -35,7 +38,11 @@ def _run_command(prog: str, name: str, argv: Sequence[str]) -> int:
     module_name, help_text = COMMANDS[name]
     parser = _build_parser(f"{prog} {name}", module_name, help_text)
     args = parser.parse_args(list(argv))
-    return int(importlib.import_module(module_name).run(args) or 0)
+    try:
+        return int(importlib.import_module(module_name).run(args) or 0)
+    except EdgeError as error:
+        print(f"{prog} {name}: {error}", file=sys.stderr)
+        return int(error.exit_status)
 
 
 def _usage(prog: str) -> str:
