@@ -16,7 +16,9 @@ import numpy as np
 SIZE = 32
 
 
-def fastener_crop(rng: np.random.Generator, defect: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def fastener_crop(
+    rng: np.random.Generator, defect: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """One crop (uint8 ``(32, 32)``) and its defect mask (uint8 ``(32, 32)``, 255 = defect)."""
     crop = np.full((SIZE, SIZE), 165.0) + rng.normal(0.0, 7.0, (SIZE, SIZE))
     crop[:5] = crop[-5:] = 95.0 + rng.normal(0.0, 12.0, (5, SIZE))  # ballast above and below
