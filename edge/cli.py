@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "model-info": ("edge.model.info", "parameters, GFLOP per crop and skip concatenations"),
     "train": ("edge.train", "train Diff-Fastener on normal crops"),
     "eval": ("edge.evaluate.run", "image/pixel AUROC, AUPRO, F1 on a test set"),
+    "subscribe": ("edge.publisher.subscriber", "print alarms as JSON lines, gaps refetched"),
 }
 
 
