@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "aligned fastener crops from labelled top-down track images",
     ),
     "record": ("edge.grabber.record", "a recording (.mkv + sidecars) from stills or a strip"),
+    "subscribe": ("edge.publisher.subscriber", "print alarms as JSON lines, gaps refetched"),
 }
 
 
