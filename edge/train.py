@@ -37,7 +37,7 @@ from tqdm import tqdm
 from edge.config import StrictModel
 from edge.evaluate.datasets import load_normal_images
 from edge.logs import configure, get_logger
-from edge.model.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from edge.model.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, weights_id
 from edge.model.config import PRESETS, ModelConfig, preset
 from edge.model.detector import DiffFastener
 from edge.synthesis import SynthesisConfig, centre_foreground, synthesize
@@ -244,6 +244,16 @@ def _distributed() -> tuple[int, int]:
     return rank, world
 
 
+def _check_replicas(model: DiffFastener, rank: int, world: int) -> None:
+    """Log each rank's weights hash and fail loudly if the replicas drifted apart."""
+    model_id = weights_id(model.state_dict())
+    gathered: list[str | None] = [None] * world
+    torch.distributed.all_gather_object(gathered, model_id)
+    log.info("replica_weights", rank=rank, model_id=model_id, identical=len(set(gathered)) == 1)
+    if len(set(gathered)) != 1:
+        raise RuntimeError(f"DDP replicas differ after training: {gathered}")
+
+
 def train(config: TrainConfig, resume: str | Path | None = None) -> Path:
     """Run training; returns the path of ``best.pt`` (or ``last.pt`` without validation)."""
     rank, world = _distributed()
@@ -361,7 +371,7 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> Path:
             save("last.pt", with_optimizer=True)
     progress.close()
     if world > 1:
-        torch.distributed.barrier()
+        _check_replicas(model, rank, world)
     best = out_dir / "best.pt"
     return best if best.exists() else out_dir / "last.pt"
 

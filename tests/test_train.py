@@ -1,0 +1,112 @@
+"""Training: resume, checkpoints, DDP, and that the tiny preset learns to find defects."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from fastener_images import write_normal_folder
+
+from edge.model import preset
+from edge.model.checkpoint import load_checkpoint, read_checkpoint, weights_id
+from edge.train import TrainConfig, learning_rate_factor, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(data: Path, out: Path, steps: int, **overrides) -> TrainConfig:
+    return TrainConfig(
+        data_dir=str(data),
+        out_dir=str(out),
+        model=preset("tiny"),
+        steps=steps,
+        batch_size=4,
+        warmup_steps=2,
+        val_every=steps,
+        checkpoint_every=3,
+        num_threads=1,
+        **overrides,
+    )
+
+
+@pytest.fixture(scope="module")
+def normal_folder(tmp_path_factory):
+    return write_normal_folder(tmp_path_factory.mktemp("crops"), 24, seed=0)
+
+
+def test_learning_rate_warms_up_then_decays():
+    config = TrainConfig(data_dir=".", steps=110, warmup_steps=10)
+    assert learning_rate_factor(0, config) == pytest.approx(0.1)
+    assert learning_rate_factor(9, config) == pytest.approx(1.0)
+    assert learning_rate_factor(60, config) == pytest.approx(0.05 + 0.95 * 0.5)
+    assert learning_rate_factor(110, config) == pytest.approx(0.05)
+
+
+def test_resumed_run_ends_with_the_weights_of_an_unbroken_one(normal_folder, tmp_path):
+    unbroken = train(tiny_config(normal_folder, tmp_path / "a", 6))
+    train(tiny_config(normal_folder, tmp_path / "b", 3))
+    resumed = train(
+        tiny_config(normal_folder, tmp_path / "b", 6), resume=tmp_path / "b" / "last.pt"
+    )
+    first = read_checkpoint(tmp_path / "a" / "last.pt")
+    second = read_checkpoint(tmp_path / "b" / "last.pt")
+    assert first["step"] == second["step"] == 6
+    assert first["model_id"] == second["model_id"]
+    assert unbroken.name == resumed.name == "best.pt"
+
+
+def test_checkpoint_loads_with_weights_only_and_records_the_run(normal_folder, tmp_path):
+    train(tiny_config(normal_folder, tmp_path, 3))
+    payload = torch.load(tmp_path / "last.pt", weights_only=True)
+    model, _ = load_checkpoint(tmp_path / "last.pt")
+    assert payload["model_id"] == weights_id(model.state_dict())
+    assert payload["extra"]["train"]["steps"] == 3
+    assert "optimizer" in payload
+    assert "optimizer" not in torch.load(tmp_path / "best.pt", weights_only=True)
+
+
+def test_a_damaged_checkpoint_is_refused_with_its_name(tmp_path):
+    from edge.errors import ModelInvalidError
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelInvalidError, match="bad.pt"):
+        load_checkpoint(bad)
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_on_two_cpu_processes_keeps_replicas_identical(normal_folder, tmp_path):
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "edge",
+        "train",
+        str(normal_folder),
+        "--preset",
+        "tiny",
+        "--out",
+        str(tmp_path),
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--threads",
+        "1",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    events = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    replicas = [event for event in events if event.get("event") == "replica_weights"]
+    assert sorted(event["rank"] for event in replicas) == [0, 1]
+    assert all(event["identical"] for event in replicas)
+    assert len({event["model_id"] for event in replicas}) == 1
+    assert read_checkpoint(tmp_path / "last.pt")["model_id"] == replicas[0]["model_id"]
