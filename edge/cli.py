@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "model-info": ("edge.model.info", "parameters, GFLOP per crop and skip concatenations"),
     "train": ("edge.train", "train Diff-Fastener on normal crops"),
     "eval": ("edge.evaluate.run", "image/pixel AUROC, AUPRO, F1 on a test set"),
+    "export": ("edge.engine.export", "the detector as one ONNX graph, with its metadata"),
+    "build-engine": ("edge.engine.plan", "TensorRT plan from an ONNX graph, gated against ORT"),
 }
 
 
