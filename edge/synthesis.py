@@ -40,6 +40,8 @@ class SynthesisConfig(StrictModel):
     """Relative probability of each texture source."""
     shift_fraction: tuple[float, float] = (0.25, 0.5)
     """For ``shifted``: offset as a fraction of the crop side, drawn in ``[lo, hi)``."""
+    shift_near_axes: bool = False
+    """For ``shifted``: offsets along the crop's axes (across or along the track) only."""
     block_grid: int = 8
     """For ``self``: the crop is cut into ``block_grid x block_grid`` blocks and shuffled."""
     min_area_fraction: float = 0.0
@@ -143,13 +145,23 @@ def noise_texture(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarra
 
 
 def shifted_texture(
-    image: np.ndarray, fraction: tuple[float, float], rng: np.random.Generator
+    image: np.ndarray,
+    fraction: tuple[float, float],
+    rng: np.random.Generator,
+    near_axes: bool = False,
 ) -> np.ndarray:
-    """``image`` moved by a random offset (reflected at the border). Shape kept."""
+    """``image`` moved by a random offset (reflected at the border). Shape kept.
+
+    With ``near_axes`` the offset points within 15 degrees of a crop axis: across the track
+    (along the sleeper, where a clip's surroundings are sleeper surface) or along it.
+    """
     image = _as_3d(image)
     height, width = image.shape[:2]
     distance = float(rng.uniform(*fraction)) * min(height, width)
-    angle = float(rng.uniform(0.0, 2.0 * math.pi))
+    if near_axes:
+        angle = math.radians(90.0 * int(rng.integers(4)) + float(rng.uniform(-15.0, 15.0)))
+    else:
+        angle = float(rng.uniform(0.0, 2.0 * math.pi))
     matrix = np.float32([[1, 0, distance * math.cos(angle)], [0, 1, distance * math.sin(angle)]])
     moved = cv2.warpAffine(
         image, matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT
@@ -205,7 +217,7 @@ def synthesize(
     elif texture_name == "noise":
         texture = noise_texture(base.shape, rng)
     else:
-        texture = shifted_texture(base, config.shift_fraction, rng)
+        texture = shifted_texture(base, config.shift_fraction, rng, config.shift_near_axes)
     beta = float(rng.uniform(*config.opacity))
     m = mask[..., None]
     out = base * (1.0 - m) + (1.0 - beta) * texture * m + beta * base * m

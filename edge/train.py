@@ -7,8 +7,9 @@ section 3.6): the noise MSE at both timesteps on the normal half, and on the who
 synthetic mask. Adam, with linear warm-up and cosine decay.
 
 Checkpoints: ``last.pt`` (weights, optimizer and step, for ``--resume``) and ``best.pt``
-(weights only), chosen by image AUROC on held-out *normal training* crops against synthetic
-anomalies made from them with a fixed seed. No test data is ever seen here.
+(weights only), chosen by image AUROC on held-out crops of the *training* folder against
+anomalies made from them with a fixed seed (the training synthesis, or edited clips). No test
+data is ever seen here.
 
 Distributed: ``torchrun --nproc-per-node N -m edge train ...`` runs DDP with the same command
 line (gloo on CPU, NCCL on GPU). Each rank draws its own batches; gradients are averaged, so
@@ -36,6 +37,7 @@ from tqdm import tqdm
 
 from edge.config import StrictModel
 from edge.evaluate.datasets import load_normal_images
+from edge.evaluate.defects import DEFECT_KINDS, ClipBox, make_defect
 from edge.logs import configure, get_logger
 from edge.model.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, weights_id
 from edge.model.config import PRESETS, ModelConfig, preset
@@ -74,6 +76,16 @@ class TrainConfig(StrictModel):
         0.1, ge=0.0, lt=1.0, description="random gain and offset of each crop, as a fraction"
     )
     val_fraction: float = Field(0.1, ge=0.0, lt=0.9)
+    validation: Literal["synthetic", "edited"] = Field(
+        "synthetic",
+        description="anomalies of the validation set: training-style synthesis, or clips "
+        "edited to be missing, displaced or broken (edge.evaluate.defects)",
+    )
+    clip_box: tuple[float, float, float, float] = Field(
+        (0.5, 0.5, 0.18, 0.32),
+        description="for 'edited' validation: clip centre x, y and half width, half height as "
+        "fractions of the crop (canonical crops: clip centred, rail on the right)",
+    )
     val_every: int = Field(100, ge=1)
     checkpoint_every: int = Field(50, ge=1)
     seed: int = 0
@@ -204,8 +216,12 @@ class BatchMaker:
         return x0.float(), masks_t.float(), is_normal
 
 
-def synthetic_validation_set(images: np.ndarray, config: TrainConfig, seed: int = 12345):
-    """Held-out normal crops plus a synthetic anomaly made from each, with a fixed seed.
+def validation_set(images: np.ndarray, config: TrainConfig, seed: int = 12345):
+    """Held-out normal crops plus anomalies made from them with a fixed seed.
+
+    ``config.validation`` chooses how: the training synthesis, or edited clips (one of each
+    kind per crop cycling through missing, displaced, broken). Both come from training-split
+    crops only; no test data is involved.
 
     Returns:
         ``(crops, labels)``: float32 ``(2N, C, H, W)`` in pixel units, int ``(2N,)``.
@@ -213,10 +229,17 @@ def synthetic_validation_set(images: np.ndarray, config: TrainConfig, seed: int 
     rng = np.random.default_rng(seed)
     size = config.model.image_size
     foreground = centre_foreground((size, size)) if config.foreground == "centre" else None
-    anomalous = [
-        synthesize(image, config.synthesis, rng, foreground).image.reshape(image.shape)
-        for image in images
-    ]
+    anomalous = []
+    for number, image in enumerate(images):
+        if config.validation == "edited":
+            cx, cy, half_w, half_h = (value * size for value in config.clip_box)
+            kind = DEFECT_KINDS[number % len(DEFECT_KINDS)]
+            box = ClipBox(cx, cy, half_w, half_h)
+            edited, _ = make_defect(kind, image[..., 0], box, -1, rng)
+            anomalous.append(edited.reshape(image.shape))
+        else:
+            synthetic = synthesize(image, config.synthesis, rng, foreground)
+            anomalous.append(synthetic.image.reshape(image.shape))
     crops = np.concatenate([images, np.stack(anomalous)]) * 255.0
     labels = np.r_[np.zeros(len(images)), np.ones(len(images))].astype(int)
     return np.ascontiguousarray(crops.transpose(0, 3, 1, 2)).astype(np.float32), labels
@@ -270,7 +293,7 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> Path:
     order = np.random.default_rng(config.seed).permutation(len(images))
     n_val = int(round(config.val_fraction * len(images)))
     val_images, train_images = images[order[:n_val]], images[order[n_val:]]
-    val_crops, val_labels = synthetic_validation_set(val_images, config) if n_val else (None, None)
+    val_crops, val_labels = validation_set(val_images, config) if n_val else (None, None)
     log.info("training_data", train_crops=len(train_images), val_crops=n_val, rank=rank)
 
     # 2. Model and optimizer, fresh or resumed.
@@ -361,9 +384,10 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> Path:
         ):
             scores = score_crops(model, val_crops)
             auroc = float(roc_auc_score(val_labels, scores))
-            log.info("validation", step=step, synthetic_image_auroc=round(auroc, 4))
+            key = f"{config.validation}_image_auroc"
+            log.info("validation", step=step, **{key: round(auroc, 4)})
             with (out_dir / "validation.jsonl").open("a") as record:
-                record.write(json.dumps({"step": step, "synthetic_image_auroc": auroc}) + "\n")
+                record.write(json.dumps({"step": step, key: auroc}) + "\n")
             if auroc > best_auroc:
                 best_auroc = auroc
                 save("best.pt", with_optimizer=False)

@@ -3,6 +3,7 @@
 Writes an MVTec-layout folder that ``edge train``, ``edge eval`` and ``edge calibrate`` read:
 
     OUT/train/good/*.png           normal crops of the training scenes
+    OUT/calibration/good/*.png     normal crops of held-out scenes, for fitting thresholds
     OUT/test/good/*.png            normal crops of the held-out scenes
     OUT/test/<kind>/*.png          the same crops with an edited defect (missing, displaced,
     OUT/ground_truth/<kind>/*_mask.png    broken) and its mask
@@ -48,13 +49,17 @@ def list_scenes(images_dir: Path) -> dict[str, list[Path]]:
     return dict(sorted(scenes.items()))
 
 
-def split_scenes(scenes: list[str], test_count: int, exclude: set[str], seed: int):
-    """Deterministic (train, test) split of the scenes not excluded."""
+def split_scenes(
+    scenes: list[str], test_count: int, calibration_count: int, exclude: set[str], seed: int
+):
+    """Deterministic (train, test, calibration) split of the scenes not excluded."""
     pool = [scene for scene in scenes if scene not in exclude]
     order = np.random.default_rng(seed).permutation(len(pool))
+    held_out = test_count + calibration_count
     test = sorted(pool[i] for i in order[:test_count])
-    train = sorted(pool[i] for i in order[test_count:])
-    return train, test
+    calibration = sorted(pool[i] for i in order[test_count:held_out])
+    train = sorted(pool[i] for i in order[held_out:])
+    return train, test, calibration
 
 
 def clean(image: np.ndarray, median: int) -> np.ndarray:
@@ -70,7 +75,8 @@ def mostly_image(crop: np.ndarray, dark_level: int = 4, max_fraction: float = 0.
 def prepare(
     dataset_dir: Path,
     out_dir: Path,
-    test_scene_count: int = 10,
+    test_scene_count: int = 8,
+    calibration_scene_count: int = 8,
     exclude: set[str] | None = None,
     seed: int = 0,
     median: int = 3,
@@ -79,14 +85,20 @@ def prepare(
     """Build the crop folders; returns the manifest."""
     images_dir = dataset_dir / "images" if (dataset_dir / "images").is_dir() else dataset_dir
     scenes = list_scenes(images_dir)
-    train, test = split_scenes(list(scenes), test_scene_count, exclude or set(), seed)
+    train, test, calibration = split_scenes(
+        list(scenes), test_scene_count, calibration_scene_count, exclude or set(), seed
+    )
     rng = np.random.default_rng(seed)
     half_w = CLIP_HALF_MM[0] / geometry.mm_per_px
     half_h = CLIP_HALF_MM[1] / geometry.mm_per_px
     offset_px = geometry.fastener_offset_mm / geometry.mm_per_px
-    counts = {"train": 0, "test_good": 0, **{kind: 0 for kind in DEFECT_KINDS}}
+    counts = {"train": 0, "calibration": 0, "test_good": 0, **{kind: 0 for kind in DEFECT_KINDS}}
     skipped = []
-    jobs = [(scene, "train") for scene in train] + [(scene, "test") for scene in test]
+    jobs = (
+        [(scene, "train") for scene in train]
+        + [(scene, "calibration") for scene in calibration]
+        + [(scene, "test") for scene in test]
+    )
     for scene, split in tqdm(jobs, desc="scenes", disable=None):
         for path in scenes[scene]:
             labelled = load_labelled(path)
@@ -99,9 +111,9 @@ def prepare(
                 if not mostly_image(crop.image):
                     continue
                 stem = f"{path.stem[:8]}-{path.stem[-8:]}-{number:02d}"
-                if split == "train":
-                    _write(out_dir / "train" / "good" / f"{stem}.png", crop.image)
-                    counts["train"] += 1
+                if split in ("train", "calibration"):
+                    _write(out_dir / split / "good" / f"{stem}.png", crop.image)
+                    counts[split] += 1
                     continue
                 _write(out_dir / "test" / "good" / f"{stem}.png", crop.image)
                 counts["test_good"] += 1
@@ -120,6 +132,7 @@ def prepare(
         "source": str(dataset_dir),
         "train_scenes": train,
         "test_scenes": test,
+        "calibration_scenes": calibration,
         "excluded_scenes": sorted(exclude or set()),
         "counts": counts,
         "skipped_images": skipped,
@@ -154,7 +167,10 @@ def _write(path: Path, image: np.ndarray) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset_dir", help="folder with images/ and YOLO labels/")
     parser.add_argument("--out", required=True, help="output folder (MVTec layout)")
-    parser.add_argument("--test-scenes", type=int, default=10, help="scenes held out for test")
+    parser.add_argument("--test-scenes", type=int, default=8, help="scenes held out for test")
+    parser.add_argument(
+        "--calibration-scenes", type=int, default=8, help="scenes held out for thresholds"
+    )
     parser.add_argument(
         "--exclude-scenes", help="text file of scene names to leave out (e.g. the sample's)"
     )
@@ -175,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
         Path(args.dataset_dir),
         Path(args.out),
         test_scene_count=args.test_scenes,
+        calibration_scene_count=args.calibration_scenes,
         exclude=exclude,
         seed=args.seed,
         median=args.median,

@@ -1,0 +1,128 @@
+"""``edge calibrate``: fit the alarm threshold of a camera on held-out normal crops.
+
+The threshold is the ``1 - false_alarm_rate`` quantile of the image scores of normal crops the
+model never trained on (numpy's ``higher`` method, so the threshold is an observed score and
+at most ``false_alarm_rate`` of the crops lie above it). With fewer than
+``ceil(1 / false_alarm_rate)`` crops that quantile is not defined by the data: the fit is
+refused rather than returning a threshold that flags everything (or nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+
+from edge.errors import CalibrationRefusedError
+from edge.logs import configure, get_logger
+from edge.publisher.thresholds import ScoreSummary, Thresholds, now_utc, thresholds_path
+
+log = get_logger(__name__)
+
+MIN_CROPS_FLOOR = 50
+
+
+def min_crops(false_alarm_rate: float) -> int:
+    """Fewest normal crops that define the ``1 - false_alarm_rate`` quantile (and at least 50)."""
+    return max(MIN_CROPS_FLOOR, math.ceil(1.0 / false_alarm_rate))
+
+
+def fit_threshold(
+    scores: np.ndarray,
+    false_alarm_rate: float,
+    model_id: str,
+    data_dir: str,
+    vehicle_id: str = "",
+    camera_id: str = "",
+) -> Thresholds:
+    """The threshold for ``false_alarm_rate`` from normal-crop ``scores`` (shape ``(N,)``).
+
+    Raises:
+        CalibrationRefusedError: fewer than :func:`min_crops` finite scores.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    finite = scores[np.isfinite(scores)]
+    needed = min_crops(false_alarm_rate)
+    if len(finite) < needed:
+        raise CalibrationRefusedError(
+            f"{data_dir}: {len(finite)} normal crops with a score; a false-alarm rate of "
+            f"{false_alarm_rate:g} needs at least {needed} (minimum = max(50, 1 / rate))"
+        )
+    threshold = float(np.quantile(finite, 1.0 - false_alarm_rate, method="higher"))
+    summary = ScoreSummary(
+        minimum=float(finite.min()),
+        median=float(np.median(finite)),
+        p95=float(np.quantile(finite, 0.95)),
+        p99=float(np.quantile(finite, 0.99)),
+        maximum=float(finite.max()),
+    )
+    return Thresholds(
+        model_id=model_id,
+        threshold=threshold,
+        false_alarm_rate=false_alarm_rate,
+        crops=len(finite),
+        min_crops=needed,
+        scores=summary,
+        data_dir=str(data_dir),
+        fitted_at=now_utc(),
+        vehicle_id=vehicle_id,
+        camera_id=camera_id,
+    )
+
+
+def score_folder(model_path: Path, data_dir: Path, backend_name: str | None, batch: int = 16):
+    """Image scores of the normal crops in ``data_dir`` with the model; returns
+    ``(scores (N,), model_id)``."""
+    from edge.engine.backends import open_backend
+    from edge.evaluate.datasets import load_normal_images
+
+    name = backend_name or ("onnxruntime" if model_path.suffix == ".onnx" else "torch")
+    with open_backend(name, model_path, max_batch=batch) as backend:
+        channels, size = backend.crop_shape[0], backend.crop_shape[-1]
+        crops = load_normal_images(data_dir, size, channels).crops
+        result = backend.infer(np.ascontiguousarray(crops, dtype=np.float32))
+        scores = np.where(result.ok, result.image_score, np.nan)
+        return scores, backend.model_id
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="checkpoint (.pt) or exported graph (.onnx)")
+    parser.add_argument("data_dir", help="folder of normal crops not used in training")
+    parser.add_argument("--false-alarm-rate", type=float, default=0.01, help="per normal crop")
+    parser.add_argument("--vehicle", default="demo-vehicle")
+    parser.add_argument("--camera", default="cam0")
+    parser.add_argument("--calibration-dir", default="calibration")
+    parser.add_argument("--out", help="file to write (default calibration/VEHICLE/CAMERA...)")
+    parser.add_argument("--backend", choices=["torch", "onnxruntime"], help="default: by suffix")
+
+
+def run(args: argparse.Namespace) -> int:
+    configure("calibrate")
+    if not 0.0 < args.false_alarm_rate < 1.0:
+        raise SystemExit("edge calibrate: --false-alarm-rate must lie in (0, 1)")
+    scores, model_id = score_folder(Path(args.model), Path(args.data_dir), args.backend)
+    thresholds = fit_threshold(
+        scores,
+        args.false_alarm_rate,
+        model_id,
+        str(args.data_dir),
+        vehicle_id=args.vehicle,
+        camera_id=args.camera,
+    )
+    out = (
+        Path(args.out)
+        if args.out
+        else thresholds_path(args.calibration_dir, args.vehicle, args.camera)
+    )
+    thresholds.save(out)
+    log.info(
+        "threshold_fitted",
+        file=str(out),
+        threshold=thresholds.threshold,
+        crops=thresholds.crops,
+        false_alarm_rate=thresholds.false_alarm_rate,
+    )
+    print(thresholds.to_json())
+    return 0
