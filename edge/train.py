@@ -19,6 +19,7 @@ the effective batch is ``N * batch_size`` and all ranks hold identical weights.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -64,6 +65,19 @@ class TrainConfig(StrictModel):
     focal_gamma: float = 4.0
     focal_weight: float = 5.0
     smooth_l1_weight: float = 1.0
+    denoiser_only_steps: int = Field(
+        0,
+        ge=0,
+        description="first steps train the denoiser alone on all-normal batches (no "
+        "segmentation), so the reconstruction is worth comparing against when it starts",
+    )
+    ema_decay: float | None = Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        description="exponential moving average of the weights, validated and shipped "
+        "(DDPM practice); None keeps the raw weights",
+    )
     detach_reconstruction_steps: int = Field(
         0, ge=0, description="segmentation loss does not reach the denoiser for these steps"
     )
@@ -126,7 +140,9 @@ class TrainingObjective(nn.Module):
         self.model = model
         self.config = config
 
-    def forward(self, x0, masks, is_normal, t_small, t_large, noise_small, noise_large, detach):
+    def forward(
+        self, x0, masks, is_normal, t_small, t_large, noise_small, noise_large, detach, segment
+    ):
         x0_guided, eps_small, eps_large = self.model.reconstruct(
             x0, t_small, t_large, noise_small, noise_large
         )
@@ -135,6 +151,9 @@ class TrainingObjective(nn.Module):
         noise_loss = (((eps_small - noise_small) ** 2) * normal).sum() / count + (
             ((eps_large - noise_large) ** 2) * normal
         ).sum() / count
+        if not segment:
+            zero = noise_loss.new_zeros(())
+            return noise_loss, {"noise_loss": noise_loss.detach(), "focal": zero, "smooth_l1": zero}
         reconstruction = x0_guided.detach() if detach else x0_guided
         logits = self.model.segmenter.logits(torch.cat([x0, reconstruction], dim=1))
         cfg = self.config
@@ -146,6 +165,12 @@ class TrainingObjective(nn.Module):
             "focal": focal.detach(),
             "smooth_l1": smooth_l1.detach(),
         }
+
+
+def same_network(first: ModelConfig, second: ModelConfig) -> bool:
+    """Whether two configs build the same weights (diffusion timesteps and top-k aside)."""
+    ignored = {"diffusion", "top_k", "preset"}
+    return first.model_dump(exclude=ignored) == second.model_dump(exclude=ignored)
 
 
 def learning_rate_factor(step: int, config: TrainConfig) -> float:
@@ -194,13 +219,16 @@ class BatchMaker:
             image = np.clip(image * gain + offset, 0.0, 1.0)
         return image.astype(np.float32)
 
-    def batch(self, step: int):
-        """Returns ``(x0, masks, is_normal)`` as tensors: ``(B, C, H, W)`` in [-1, 1] etc."""
+    def batch(self, step: int, all_normal: bool = False):
+        """Returns ``(x0, masks, is_normal)`` as tensors: ``(B, C, H, W)`` in [-1, 1] etc.
+
+        With ``all_normal`` no crop is made anomalous (the denoiser-only phase).
+        """
         cfg = self.config
         rng = np.random.default_rng([cfg.seed, self.rank, step])
         picks = rng.integers(0, len(self.images), size=cfg.batch_size)
         crops, masks = [], []
-        half = cfg.batch_size // 2
+        half = cfg.batch_size if all_normal else cfg.batch_size // 2
         for position, index in enumerate(picks):
             image = self.images[index]
             image = self._augment(image, rng)
@@ -267,6 +295,16 @@ def _distributed() -> tuple[int, int]:
     return rank, world
 
 
+@torch.no_grad()
+def _update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """``ema = decay * ema + (1 - decay) * model``, parameters and buffers alike."""
+    for averaged, current in zip(ema.state_dict().values(), model.state_dict().values()):
+        if averaged.dtype.is_floating_point:
+            averaged.mul_(decay).add_(current.detach(), alpha=1.0 - decay)
+        else:
+            averaged.copy_(current)
+
+
 def _check_replicas(model: DiffFastener, rank: int, world: int) -> None:
     """Log each rank's weights hash and fail loudly if the replicas drifted apart."""
     model_id = weights_id(model.state_dict())
@@ -306,9 +344,12 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> Path:
         ]
     )
     if resume is not None:
-        model, payload = load_checkpoint(resume)
-        if model.config != config.model:
-            raise ValueError(f"{resume}: its model config differs from this run's")
+        stored, payload = load_checkpoint(resume)
+        if not same_network(stored.config, config.model):
+            raise ValueError(f"{resume}: its network differs from this run's model config")
+        # Timesteps and top-k may change between stages of training; the weights stay.
+        model = DiffFastener(config.model)
+        model.load_state_dict(payload.get("raw_model", payload["model"]))
         optimizer = torch.optim.Adam(
             [
                 {"params": model.denoiser.parameters(), "lr": config.lr_denoiser},
@@ -321,21 +362,32 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> Path:
         best_auroc = float(payload["extra"].get("best_val_auroc", -1.0))
         log.info("resumed", checkpoint=str(resume), step=step, best_val_auroc=best_auroc)
     model.train()
+    ema = copy.deepcopy(model).eval() if config.ema_decay is not None else None
+    if ema is not None and resume is not None:
+        ema.load_state_dict(payload["model"])
+        ema.train(False)
+    shipped = ema if ema is not None else model
     objective: nn.Module = TrainingObjective(model, config)
     if world > 1:
-        objective = nn.parallel.DistributedDataParallel(objective)
+        objective = nn.parallel.DistributedDataParallel(
+            objective, find_unused_parameters=config.denoiser_only_steps > 0
+        )
     base_lrs = [config.lr_denoiser, config.lr_segmenter]
     batches = BatchMaker(train_images, config, rank)
     extra = {"train": json.loads(config.to_json()), "data_dir": str(config.data_dir)}
 
     def save(name: str, with_optimizer: bool) -> None:
         extra["best_val_auroc"] = best_auroc
+        resume_state = None
+        if with_optimizer and ema is not None:
+            resume_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
         save_checkpoint(
             out_dir / name,
-            model,
+            shipped,
             step=step,
             optimizer=optimizer.state_dict() if with_optimizer else None,
             extra=extra,
+            raw_model=resume_state,
         )
 
     # 3. The loop.
@@ -347,7 +399,8 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> Path:
         factor = learning_rate_factor(step, config)
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * factor
-        x0, masks, is_normal = batches.batch(step)
+        segment = step >= config.denoiser_only_steps
+        x0, masks, is_normal = batches.batch(step, all_normal=not segment)
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 97 + rank)
         lo_s, hi_s = config.model.diffusion.train_t_small
         lo_l, hi_l = config.model.diffusion.train_t_large
@@ -358,11 +411,13 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> Path:
         noise_large = torch.randn(x0.shape, generator=generator)
         detach = step < config.detach_reconstruction_steps
         loss, parts = objective(
-            x0, masks, is_normal, t_small, t_large, noise_small, noise_large, detach
+            x0, masks, is_normal, t_small, t_large, noise_small, noise_large, detach, segment
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if ema is not None:
+            _update_ema(ema, model, min(config.ema_decay, (1 + step) / (10 + step)))
         step += 1
         progress.update(1)
         if rank == 0 and (step % 10 == 0 or step == config.steps):
@@ -380,9 +435,10 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> Path:
         if (
             rank == 0
             and val_crops is not None
+            and segment
             and (step % config.val_every == 0 or step == config.steps)
         ):
-            scores = score_crops(model, val_crops)
+            scores = score_crops(shipped, val_crops)
             auroc = float(roc_auc_score(val_labels, scores))
             key = f"{config.validation}_image_auroc"
             log.info("validation", step=step, **{key: round(auroc, 4)})

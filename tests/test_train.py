@@ -45,17 +45,24 @@ def test_learning_rate_warms_up_then_decays():
     assert learning_rate_factor(110, config) == pytest.approx(0.05)
 
 
-def test_resumed_run_ends_with_the_weights_of_an_unbroken_one(normal_folder, tmp_path):
-    unbroken = train(tiny_config(normal_folder, tmp_path / "a", 6))
-    train(tiny_config(normal_folder, tmp_path / "b", 3))
+@pytest.mark.parametrize(
+    "options", [{}, {"ema_decay": 0.9, "denoiser_only_steps": 2}], ids=["plain", "ema"]
+)
+def test_resumed_run_ends_with_the_weights_of_an_unbroken_one(normal_folder, tmp_path, options):
+    unbroken = train(tiny_config(normal_folder, tmp_path / "a", 6, **options))
+    train(tiny_config(normal_folder, tmp_path / "b", 3, **options))
     resumed = train(
-        tiny_config(normal_folder, tmp_path / "b", 6), resume=tmp_path / "b" / "last.pt"
+        tiny_config(normal_folder, tmp_path / "b", 6, **options), resume=tmp_path / "b" / "last.pt"
     )
     first = read_checkpoint(tmp_path / "a" / "last.pt")
     second = read_checkpoint(tmp_path / "b" / "last.pt")
     assert first["step"] == second["step"] == 6
     assert first["model_id"] == second["model_id"]
     assert unbroken.name == resumed.name == "best.pt"
+    if options:
+        # The shipped weights are the average, the resumable ones the raw weights.
+        assert weights_id(first["raw_model"]) != first["model_id"]
+        assert weights_id(first["raw_model"]) == weights_id(second["raw_model"])
 
 
 def test_checkpoint_loads_with_weights_only_and_records_the_run(normal_folder, tmp_path):

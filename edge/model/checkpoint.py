@@ -39,10 +39,13 @@ def save_checkpoint(
     step: int = 0,
     optimizer: dict | None = None,
     extra: dict | None = None,
+    raw_model: dict | None = None,
 ) -> str:
     """Write ``model`` (and, for resuming, the optimizer state) atomically; returns the model id.
 
     ``extra`` holds JSON-like training facts (data folder, seed, losses) for the record.
+    ``raw_model`` is the state dict training continues from when ``model`` holds averaged
+    (EMA) weights.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -58,6 +61,8 @@ def save_checkpoint(
     }
     if optimizer is not None:
         payload["optimizer"] = optimizer
+    if raw_model is not None:
+        payload["raw_model"] = raw_model
     temporary = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, temporary)
     os.replace(temporary, path)
