@@ -1,0 +1,1 @@
+"""The grabber process: frame sources, recordings, line buffer, fastener finding and crops."""
