@@ -2,7 +2,8 @@
 
 Acceptance item 1 of the grabber issue: recall >= 99 %, crop centre error <= 5 mm, and no
 fastener cut twice across frame boundaries. Every figure is measured on strips drawn by
-edge.grabber.stripgen, whose true fastener centres the finder never sees.
+edge.grabber.stripgen, whose true fastener centres the finder never sees; the tests assert the
+acceptance limits and, tighter, the values measured when they were written.
 """
 
 from __future__ import annotations
@@ -90,20 +91,20 @@ def test_ballasted_strips_recall_and_centre_error():
             lines=3000, seed=3, tilt_deg=1.0, painted_numbers=True, defect_rate=0.5, noise_sigma=5.0
         ),
     ]
-    results = [match(s, run_finder(s, 700)) for s in (generate_strip(BALLASTED, p) for p in specs)]
+    strips = [generate_strip(BALLASTED, spec) for spec in specs]
+    results = [match(strip, run_finder(strip, 700)) for strip in strips]
     true_count = sum(len(r["pairs"]) + len(r["misses"]) for r in results)
     recall = sum(len(r["pairs"]) for r in results) / true_count
     max_error = max(r["max_error_mm"] for r in results)
     assert true_count == 120
-    assert recall >= 0.99, [m for r in results for m in r["misses"]]
-    assert max_error <= 5.0
+    # Acceptance: recall >= 99 %, centre error <= 5 mm. Measured: 100 %, 0.44 mm.
+    assert recall >= 0.99 and max_error <= 5.0, [m for r in results for m in r["misses"]]
+    assert recall == 1.0 and max_error <= 1.0
     assert sum(r["cut_twice"] for r in results) == 0
     assert sum(r["false"] for r in results) == 0
     # A seat whose clips are missing, broken or displaced is still found: the model must see it.
     defective = [p for r in results for p in r["pairs"] if p[0].state != "normal"]
-    defective_true = [
-        f for s in specs for f in generate_strip(BALLASTED, s).fasteners if f.state != "normal"
-    ]
+    defective_true = [f for strip in strips for f in strip.fasteners if f.state != "normal"]
     assert len(defective) == len(defective_true) > 20
 
 
@@ -122,8 +123,9 @@ def test_slab_track_recall_and_centre_error():
     )
     result = match(strip, run_finder(strip, 512))
     assert len(strip.fasteners) == 40
-    assert result["recall"] >= 0.99
-    assert result["max_error_mm"] <= 5.0
+    # Acceptance: recall >= 99 %, centre error <= 5 mm. Measured: 100 %, 0.31 mm.
+    assert result["recall"] == 1.0
+    assert result["max_error_mm"] <= 1.0
     assert result["cut_twice"] == 0 and result["false"] == 0
 
 

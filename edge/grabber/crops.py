@@ -34,7 +34,10 @@ class FoundFastener:
         mirrored: the crop was flipped left-right to put the rail on its right.
         truncated: part of the crop lay outside the image or the recorded lines and was filled
             by repeating the nearest pixel.
-        score: seat evidence (relative texture contrast, 0..1) the fastener was found with.
+        score: the seat's evidence (see edge.grabber.locate.edge_pair_score): its two edges'
+            strength over the typical gradient, scaled by its brightness contrast; a seat
+            counts from ``TrackGeometry.min_seat_edges`` (half that when the other rail's seat
+            vouches for it).
     """
 
     crop: np.ndarray

@@ -1,41 +1,49 @@
 """Find the rails, then the rail seats along each rail, then cut a crop on every fastener.
 
-The method (measured against template matching and the alternatives listed in
-``docs/fastener-finding.md``) works on a reduced copy of the newest lines, about
-``analysis_mm`` per pixel, and uses only what every ballasted or slab track shows:
+The method (chosen by measurement; alternatives and figures in docs/fastener-finding.md)
+works on a reduced copy of the newest lines, about ``analysis_mm`` per pixel, and relies only
+on what plain ballasted or slab track shows:
 
-1. Rails. A rail is the one long structure that runs along the track: averaged along a rail,
-   its edges add up, while ballast, sleepers and paint average out. For each slope within
-   ``max_rail_tilt_deg`` the image is sheared so that lines of that slope become columns and
-   averaged down the columns; the rail is where the averaged profile has strong edges on both
-   halves of a rail-foot-wide window (one-sided steps, such as a shadow's edge or a sleeper
-   end, score low). With both rails in view the pair must lie ``gauge + head width`` apart.
-2. Rail seats. Beside each rail, beyond the fasteners, the horizontal texture (absolute
-   horizontal gradient) is averaged across a band ``seat_band_mm`` wide on both sides. On
-   ballasted track a sleeper is a run of lines much smoother than the ballast on *both* sides
-   of it; on slab track a baseplate is a run of lines rougher than the slab on both sides.
-   The relative contrast of a run of sleeper width against its two flanks, best over a few
-   widths, peaks at each seat; peaks closer than ``(1 - pitch_tolerance) * pitch`` merge.
-   Because the evidence is the sleeper or baseplate, a seat whose clips are missing is still
-   found, which is the point: the anomaly model must see the empty seat.
-3. Fasteners. One each side of the rail, ``fastener_offset_mm`` from the rail centre, on the
-   seat's line (line-scan sleepers stay level when the vehicle drifts sideways).
+1. Rails (:func:`find_rails`). The slope: the image is sheared for each slope within
+   ``max_rail_tilt_deg`` and averaged down the columns; at the rail's slope its edges add up
+   while ballast averages out. The position: the column about which the image is most
+   mirror-symmetric (:func:`mirror_symmetry`); a rail, its foot and the fasteners on both its
+   sides mirror each other, a shadow's edge or a sleeper end do not. With both rails in view,
+   the pair must lie ``gauge + head width`` apart. The line is refitted through the most
+   symmetric column of each 300 mm of the window, one slope for both rails.
+2. Rail seats (:func:`seat_profile`). Across a band on both sides of the rail, beyond the
+   fasteners, the image is averaged into a profile along the rail. A sleeper (a baseplate on
+   slab track) is a run of about ``sleeper_width_mm`` bounded by two opposite edges across
+   the track and brighter (or darker, ``sleeper_tone``) than the ground on both sides of it:
+   the evidence is the two edges' strength (:func:`edge_pair_score`) scaled by that contrast
+   (:func:`run_contrast`), best over a few widths and over sleeper skews within
+   ``max_sleeper_skew_deg``. Seats are its peaks, at least ``(1 - pitch_tolerance) * pitch``
+   apart, centred midway between their two edges. The evidence never looks at the
+   fasteners themselves, so a seat with a missing or broken clip is found like any other: the
+   anomaly model must see the empty seat. With both rails in view, a seat found on one rail
+   lowers the threshold for its partner on the other (:func:`pair_seats`).
+3. Fasteners. One each side of the rail, ``fastener_offset_mm`` from its centre, along the
+   sleeper. Where sleepers cross the rail askew, the rail is first moved to its most
+   symmetric column with the sleepers levelled (:func:`refine_rail`).
 
-Streaming: :class:`FastenerFinder` keeps a :class:`~edge.grabber.linebuffer.LineBuffer`, and
-on every frame decides the seats whose centre lies between the last decided line and the
-newest line less a margin (the crop's half height and the search's reach). Each line is decided
-once, so a fastener on a frame boundary is cut once, whole; seats are also kept apart by line
-index, never by frame.
+Streaming: :class:`FastenerFinder` keeps a :class:`~edge.grabber.linebuffer.LineBuffer` and,
+on every frame, decides the seats whose centre lies between the last decided line and the
+newest line less a margin (the crop's half height and the search's reach). Each line is
+decided once, so a fastener on a frame seam is cut once and whole; seats of a rail are also
+kept apart by line index, never by frame.
 
-Known limits: sleepers are taken as level in the image (true for lateral drift of a line-scan
-camera). A camera yawed by an angle a puts the crop centres ``fastener_offset * sin(a)`` off
-along the track (5 mm at 3 degrees and 100 mm). Switches, crossings and level crossings, where
-rails or sleepers do not look like plain track, give fewer or wrong seats; nothing here detects
-them.
+Known limits:
+- A hard shadow edge or a sharp change of light across a seat moves its centre, or loses it
+  on slab track (measured on generated strips; docs/fastener-finding.md).
+- A seat less than about ``(1 - sleeper_width_tolerance)`` visible at the first or last line of
+  a run is not reported; one cut in half by the run's end is centred on the visible part.
+- Switches, crossings, level crossings and hazard-striped sleepers do not look like plain
+  track: seats there may be missed or off-centre. Nothing here detects them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -53,22 +61,14 @@ from edge.records import Direction, Rail
 log = get_logger(__name__)
 
 _MIN_RAIL_SYMMETRY = 0.2  # mirror symmetry (-1..1) a rail must reach
-_PARTNER_SHARE = float(
-    __import__("os").environ.get("EDGE_PARTNER", "0.5")
-)  # of the seat threshold, for a seat the other rail vouches for
-_REFINE = __import__("os").environ.get("EDGE_REFINE", "1") == "1"
-_REFINE_SEARCH = float(__import__("os").environ.get("EDGE_RS", "1.0"))
-_SKEW_GAIN = float(
-    __import__("os").environ.get("EDGE_SKEWGAIN", "1.1")
-)  # evidence a skew needs over level sleepers
-_WIDTH_TIE = float(
-    __import__("os").environ.get("EDGE_TIE", "0.85")
-)  # evidence within this share of the best counts as a tie
-_NOISE_Q = float(__import__("os").environ.get("EDGE_NQ", "75"))
+_PARTNER_SHARE = 0.5  # share of the seat threshold enough for a seat the other rail vouches for
+_SKEW_GAIN = 1.1  # evidence a sleeper skew must gain over level sleepers to be taken
+_WIDTH_TIE = 0.85  # widths with evidence within this share of the best count as a tie
+_NOISE_QUANTILE = 75  # percentile of the gradient profile taken as its typical size
+_SKEW_EXPLORE_EVERY = 4  # streaming: skews beside the last one are tried every this many frames
 _FLANK_SHARE = 0.5  # each flank of the seat template, as a share of the seat width
-_MIN_RAIL_LINES_MM = float(
-    __import__("os").environ.get("EDGE_CTX", "400")
-)  # rails are not searched on less track than this
+_RAIL_CONTEXT_MM = 400.0  # track before the undecided lines that the rails are fitted on
+_REFIT_STRETCH_MM = 300.0  # rails are refitted through one point per stretch this long
 
 
 @dataclass(frozen=True)
@@ -92,14 +92,26 @@ class RailLine:
 class Seat:
     """A rail seat: where the sleeper's (or baseplate's) centre line crosses the rail centre.
 
-    ``line`` is absolute (sub-line); ``contrast`` the seat evidence (0..1); ``skew`` the
-    sleeper's slope in the image, lines per pixel across (0 for level sleepers).
+    ``line`` is absolute (sub-line); ``evidence`` its strength (multiples of the threshold's
+    unit, see :func:`edge_pair_score`); ``skew`` the sleeper's slope in the image, lines per
+    pixel across (0 for level sleepers).
     """
 
     rail: Rail
     line: float
-    contrast: float
+    evidence: float
     skew: float = 0.0
+
+
+def shrink(lines: np.ndarray, fx: int, fy: int) -> np.ndarray:
+    """``lines`` ``(n * fy + r, m * fx + c)`` averaged over blocks ``fy`` by ``fx``: float32
+    ``(n, m)``. Blocks start at the first line, so shrinking frames one by one (each a
+    multiple of ``fy`` lines) gives the rows that shrinking them together would."""
+    rows, cols = lines.shape[0] // fy, lines.shape[1] // fx
+    data = lines[: rows * fy, : cols * fx]
+    if (fx > 1 or fy > 1) and rows > 0 and cols > 0:
+        data = cv2.resize(data, (cols, rows), interpolation=cv2.INTER_AREA)
+    return np.asarray(data, dtype=np.float32).reshape(rows, cols)
 
 
 class _Reduced:
@@ -110,13 +122,17 @@ class _Reduced:
     """
 
     def __init__(self, lines: np.ndarray, first_line: int, fx: int, fy: int) -> None:
-        rows, cols = lines.shape[0] // fy, lines.shape[1] // fx
         self.first_line, self.fx, self.fy = first_line, fx, fy
-        data = lines[: rows * fy, : cols * fx].astype(np.float32)
-        if fx > 1 or fy > 1:
-            data = cv2.resize(data, (cols, rows), interpolation=cv2.INTER_AREA)
         # Salt-and-pepper and hot pixels would otherwise dominate the gradients.
-        self.image = cv2.medianBlur(data, 3)
+        self.image = cv2.medianBlur(shrink(lines, fx, fy), 3)
+
+    @classmethod
+    def from_shrunk(cls, rows: np.ndarray, first_line: int, fx: int, fy: int) -> _Reduced:
+        """From rows already shrunk by :func:`shrink` (a cache of earlier frames)."""
+        reduced = cls.__new__(cls)
+        reduced.first_line, reduced.fx, reduced.fy = first_line, fx, fy
+        reduced.image = cv2.medianBlur(np.ascontiguousarray(rows, dtype=np.float32), 3)
+        return reduced
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -182,29 +198,43 @@ def _parabolic(values: np.ndarray, i: int) -> float:
     return float(i + 0.5 * (a - c) / denominator)
 
 
-def mirror_symmetry(image: np.ndarray, reach: int) -> np.ndarray:
+def mirror_symmetry(
+    image: np.ndarray, reach: int, row_groups: list[np.ndarray] | None = None
+) -> np.ndarray:
     """Left-right mirror symmetry of ``image`` ``(rows, cols)`` about every column, ``(cols,)``.
 
     Each row is high-passed across (its mean over ``2 * reach + 1`` columns removed), then the
     normalised correlation of the ``reach`` columns left of ``x`` with the mirrored ``reach``
     columns right of it, pooled over all rows: 1 for a perfect mirror, near 0 for ballast, -1
     for an anti-mirror such as a single step. A rail with its foot and its two fasteners is
-    the most symmetric thing on plain track.
+    the most symmetric thing on plain track. With ``row_groups`` (arrays of row indices), the
+    rows are pooled per group instead: ``(groups, cols)``.
     """
-    image = image.astype(np.float32)
+    image = np.ascontiguousarray(image, dtype=np.float32)
     high = image - cv2.blur(image, (2 * reach + 1, 1), borderType=cv2.BORDER_REFLECT)
-    cols = image.shape[1]
-    products = np.zeros(cols)
-    energy = np.zeros(cols)
+    rows, cols = image.shape
+    groups = row_groups if row_groups is not None else [np.arange(rows)]
+    products = np.zeros((rows, cols), np.float32)
     for u in range(1, min(reach, (cols - 1) // 2) + 1):
-        left, right = high[:, : cols - 2 * u], high[:, 2 * u :]
-        products[u : cols - u] += np.einsum("ij,ij->j", left, right)
-        energy[u : cols - u] += 0.5 * (
-            np.einsum("ij,ij->j", left, left) + np.einsum("ij,ij->j", right, right)
+        products[:, u : cols - u] += high[:, : cols - 2 * u] * high[:, 2 * u :]
+    # Energy of the columns paired with x: half the sum of squares of x-u..x-1 and x+1..x+u,
+    # u as far as both sides reach.
+    x = np.arange(cols)
+    u = np.minimum(np.minimum(x, cols - 1 - x), reach)
+    squares = high * high
+    out = np.empty((len(groups), cols))
+    for n, group in enumerate(groups):
+        column_energy = np.concatenate([[0.0], np.cumsum(squares[group].sum(axis=0))])
+        energy = 0.5 * (
+            column_energy[x]
+            - column_energy[x - u]
+            + column_energy[x + u + 1]
+            - column_energy[x + 1]
         )
-    # A floor on the energy keeps featureless stretches (black borders, glare) from scoring.
-    floor = 0.05 * float(np.median(energy)) + 1e-6
-    return products / (energy + floor)
+        # A floor on the energy keeps featureless stretches (black borders, glare) from scoring.
+        floor = 0.05 * float(np.median(energy)) + 1e-6
+        out[n] = products[group].sum(axis=0) / (energy + floor)
+    return out if row_groups is not None else out[0]
 
 
 def _best_columns(
@@ -227,7 +257,10 @@ def _best_columns(
 
 
 def find_rails(
-    reduced: _Reduced, geometry: TrackGeometry, direction: Direction = "increasing"
+    reduced: _Reduced,
+    geometry: TrackGeometry,
+    direction: Direction = "increasing",
+    slope_hint: float | None = None,
 ) -> list[RailLine]:
     """The rails in a reduced window, in image order; an empty list when none is clear.
 
@@ -236,8 +269,8 @@ def find_rails(
     average down the columns and score every column with :func:`_rail_scores`; keep the slope
     whose best rail (or pair of rails ``gauge + head`` apart) scores highest; (3) the columns:
     at that slope, the most mirror-symmetric column (or pair), see :func:`mirror_symmetry`;
-    (4) each rail's line refitted through the most symmetric column of each quarter of the
-    window, which refines slope and position and follows a slowly turning rail.
+    (4) the rails' lines refitted through the most symmetric column of each 300 mm: one slope
+    for all rails in view, one offset each, stretches that disagree dropped once.
     """
     g = geometry
     rows, cols = reduced.shape
@@ -267,8 +300,14 @@ def find_rails(
         profile = _shear(blocks, slope, centre).mean(axis=0).astype(np.float64)
         return _best_columns(_rail_scores(profile, half_foot), len(names), low, high)[0]
 
-    coarse = 3
-    totals = {k: total_at(k * step) for k in range(-n_steps, n_steps + 1, coarse)}
+    coarse, totals, k_hint = 3, {}, 0
+    if slope_hint is not None:
+        # Streaming: the last window's slope (pixels per line) and two steps either side.
+        k_hint = round(slope_hint * reduced.fy / reduced.fx * block / step)
+        for k in range(max(-n_steps, k_hint - 2), min(n_steps, k_hint + 2) + 1):
+            totals[k] = total_at(k * step)
+    if not totals or max(totals, key=totals.get) in (k_hint - 2, k_hint + 2):
+        totals |= {k: total_at(k * step) for k in range(-n_steps, n_steps + 1, coarse)}
     k_best = max(totals, key=totals.get)
     for k in range(max(-n_steps, k_best - coarse + 1), min(n_steps, k_best + coarse - 1) + 1):
         if k not in totals:
@@ -282,24 +321,22 @@ def find_rails(
     upright = _shear(blocks, slope, centre)
     symmetry = mirror_symmetry(upright, reach)
     _, columns = _best_columns(symmetry, len(names), low, high)
-    if __import__("os").environ.get("EDGE_RAILS") == "projection":
-        scores = _rail_scores(upright.mean(axis=0).astype(np.float64), half_foot)
-        _, columns = _best_columns(scores, len(names), low, high)
-        symmetry = np.ones_like(symmetry)
     if min(symmetry[c] for c in columns) < _MIN_RAIL_SYMMETRY:
         return []
 
     # 4. Refit the rails through the most symmetric column of each stretch of about 300 mm:
     # one slope for all rails in view (they are parallel), one offset per rail, weighted by
     # symmetry; stretches that disagree (an asymmetric, defective seat) are dropped once.
-    stretches = np.array_split(np.arange(n_blocks), max(4, round(n_blocks * block * row_mm / 300)))
+    n_stretches = max(4, round(n_blocks * block * row_mm / _REFIT_STRETCH_MM))
+    stretches = np.array_split(np.arange(n_blocks), n_stretches)
     search = max(2, half_foot // 2)
     points = []  # (rail number, block row from centre, column, weight)
     for n, column in enumerate(columns):
         lo, hi = max(0, column - search - reach), min(cols, column + search + reach + 1)
         a, b = max(column - search - lo, 0), column + search + 1 - lo
-        for stretch in stretches:
-            window = mirror_symmetry(upright[stretch, lo:hi], reach)[a:b]
+        local = mirror_symmetry(upright[:, lo:hi], reach, stretches)
+        for stretch, row in zip(stretches, local):
+            window = row[a:b]
             if window.size < 3:
                 continue
             i = int(np.argmax(window))
@@ -335,14 +372,13 @@ def find_rails(
     ]
 
 
-def seat_contrast(profile: np.ndarray, width: float, rougher: bool) -> np.ndarray:
+def run_contrast(profile: np.ndarray, width: float, higher: bool) -> np.ndarray:
     """Relative contrast ``(rows,)`` of a run of ``width`` rows against both its flanks.
 
-    ``profile`` is ``(rows,)``, e.g. mean intensity or texture across a band. ``rougher``
-    (the run is higher than its flanks): ``1 - max(flanks) / inner``; otherwise (lower):
-    ``1 - inner / min(flanks)``. Using the weaker flank makes a step (one flank like the run,
-    as at a change in light) score near zero. Where the profile ends (the start or end of a
-    run) a missing flank is replaced by the other.
+    ``profile`` is ``(rows,)`` mean intensity across a band. ``higher`` (the run is brighter
+    than its flanks): ``1 - max(flanks) / run``; otherwise ``1 - run / min(flanks)``. Using
+    the weaker flank makes a step (one flank like the run, as at a change of light) score near
+    zero. Where the profile ends, a missing flank is replaced by the other.
     """
     rows = profile.shape[0]
     cumulative = np.concatenate([[0.0], np.cumsum(profile)])
@@ -360,11 +396,20 @@ def seat_contrast(profile: np.ndarray, width: float, rougher: bool) -> np.ndarra
     before = means(y - half - flank, y - half, (flank + 1) // 2)
     after = means(y + half + 1, y + half + 1 + flank, (flank + 1) // 2)
     with np.errstate(invalid="ignore", divide="ignore"):
-        if rougher:
+        if higher:
             contrast = 1 - np.fmax(before, after) / inner
         else:
             contrast = 1 - inner / np.fmin(before, after)
     return np.where(np.isfinite(contrast), contrast, -1.0)
+
+
+def shade_contrast(shade: np.ndarray, width: float, tone: str) -> np.ndarray:
+    """:func:`run_contrast` of a sleeper of ``tone`` brighter, darker or either."""
+    if tone == "brighter":
+        return run_contrast(shade, width, higher=True)
+    if tone == "darker":
+        return run_contrast(shade, width, higher=False)
+    return np.maximum(run_contrast(shade, width, True), run_contrast(shade, width, False))
 
 
 def _peaks(evidence: np.ndarray, min_gap: int, threshold: float) -> list[int]:
@@ -395,8 +440,8 @@ def edge_pair_score(
     (a bright sleeper: rising, then falling going down the image), ``darker``, or ``either``.
     Each edge is taken as the strongest within 9 % of ``width`` of where it is expected (the
     widths tried are 18 % apart, and a sharp edge is one row wide). The score is the geometric
-    mean of the two edges' magnitudes over ``noise`` (the typical magnitude); 0 when the signs
-    agree, as at a step in light.
+    mean of the two edges' magnitudes over ``noise`` (the profile's typical gradient); 0 when
+    the signs agree, as at a step in light.
     """
     y = np.arange(gradient.shape[0], dtype=np.float64)
     size = 2 * max(1, int(round(0.09 * width))) + 1
@@ -415,23 +460,6 @@ def edge_pair_score(
     return np.maximum(pair(rising, falling), pair(falling, rising)) / noise
 
 
-_SEAT_CUE = __import__("os").environ.get("EDGE_SEAT_CUE", "plateau")
-_GATE = float(__import__("os").environ.get("EDGE_GATE", "0.1"))
-
-
-def shade_contrast(shade: np.ndarray, width: float, tone: str) -> np.ndarray:
-    """Relative brightness contrast ``(rows,)`` of a run of ``width`` rows against both flanks.
-
-    ``shade`` is a ``(rows,)`` profile of mean intensity. Brighter: ``1 - max(flanks) / inner``;
-    darker: ``1 - inner / min(flanks)``; either: the larger of the two.
-    """
-    if tone == "brighter":
-        return seat_contrast(shade, width, rougher=True)
-    if tone == "darker":
-        return seat_contrast(shade, width, rougher=False)
-    return np.maximum(seat_contrast(shade, width, True), seat_contrast(shade, width, False))
-
-
 @dataclass(frozen=True, eq=False)
 class SeatProfile:
     """Seat evidence along one rail of a reduced window.
@@ -447,6 +475,7 @@ class SeatProfile:
     centres: list[float]
     skew: float
     total: float
+    skew_steps: int = 0
 
 
 def _edge_midpoint(gradient: np.ndarray, top: int, row: int, width: float, tone: str) -> float:
@@ -480,176 +509,180 @@ def _edge_midpoint(gradient: np.ndarray, top: int, row: int, width: float, tone:
     return best[1] if best is not None else float(row)
 
 
-def seat_profile(
-    reduced: _Reduced,
-    rail: RailLine,
-    geometry: TrackGeometry,
-    cues: np.ndarray,
-    open_start: bool = False,
-    open_end: bool = False,
-) -> SeatProfile | None:
-    """Seat evidence along one rail in a reduced window, and the seats it shows on its own.
+def _interpolate_rows(profiles: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """``profiles`` ``(rows, n)`` read at fractional rows ``at`` ``(rows, n)``, clamped."""
+    rows = profiles.shape[0]
+    at = np.clip(at, 0, rows - 1)
+    low = np.minimum(at.astype(np.int64), rows - 2) if rows > 1 else np.zeros_like(at, np.int64)
+    frac = at - low
+    columns = np.arange(profiles.shape[1])[None, :]
+    high = np.minimum(low + 1, rows - 1)
+    return profiles[low, columns] * (1 - frac) + profiles[high, columns] * frac
 
-    ``cues`` is ``(rows, cols, 2)``: the absolute horizontal gradient (texture) and the signed
-    vertical gradient of the reduced window. ``open_start``/``open_end`` say that the window
-    begins or ends the run: profiles are then mirrored there, so a sleeper cut in half by the
-    run's first or last line is still found (centred on that line).
-    Steps: (1) shear so the rail is a column; (2) for each sleeper skew within
-    ``max_sleeper_skew_deg``, shear the other way about the rail so sleepers of that skew
-    become rows, and average the cues across the seat bands on both sides of the rail
-    (ballasted: beyond the fasteners; slab: over them); (3) seat evidence, best over a few
-    sleeper widths; keep the skew with the most evidence; (4) local maxima above the threshold
-    at least ``(1 - pitch_tolerance) * pitch`` apart, refined to sub-row.
+
+def band_groups(
+    reduced: _Reduced, rail: RailLine, geometry: TrackGeometry, summed: tuple[np.ndarray, ...]
+) -> tuple[list[np.ndarray], np.ndarray] | None:
+    """The seat bands beside ``rail``, as sums over narrow groups of columns, row by row.
+
+    ``summed`` are images cumulated along rows (``(rows, cols + 1)``, a leading zero column):
+    the group sums come out of them at fractional columns that follow the rail, so the rail
+    is upright without resampling the image. Returns one ``(rows, groups)`` array per summed
+    image and the groups' centres, columns from the rail; None when no band is in the image.
+    The bands lie beyond the fasteners, so a defective fastener does not change the evidence;
+    a group is narrow enough that the steepest sleeper skew moves it at most half a row.
     """
     g = geometry
     rows, cols = reduced.shape
     col_mm = g.mm_per_px * reduced.fx
     row_mm = g.mm_per_line * reduced.fy
+    inner = (g.fastener_offset_mm + g.fastener_size_mm[0] / 2 + 20.0) / col_mm
+    outer = inner + g.seat_band_mm / col_mm
+    max_skew = math.tan(math.radians(g.max_sleeper_skew_deg)) * col_mm / row_mm
+    group = max(1.0, min(outer - inner, 0.5 / max(max_skew, 1e-6)))
+    n_groups = max(1, int(math.ceil((outer - inner) / group)))
+    edges = np.linspace(inner, outer, n_groups + 1)
     centre_row = rows / 2
     rail_col = reduced.col_of(rail.x_at(reduced.line_of(centre_row)))
     slope = rail.slope * reduced.fy / reduced.fx
+    rail_cols = rail_col + slope * (np.arange(rows) - centre_row)
+    # Group k of each side spans offsets edges[k]..edges[k+1] from the rail; in the summed
+    # images pixel c covers [c, c + 1), hence the half pixel.
+    starts = np.concatenate([-edges[1:][::-1], edges[:-1]])
+    stops = np.concatenate([-edges[:-1][::-1], edges[1:]])
+    first = rail_cols[:, None] + starts[None, :] + 0.5
+    last = rail_cols[:, None] + stops[None, :] + 0.5
+    keep = ((first >= 0) & (last <= cols)).all(axis=0)
+    if not keep.any():
+        return None
+    row_index = np.arange(rows)[:, None]
 
-    # 1. Rail upright; keep only the columns of the bands.
-    slab = g.track_form == "slab"
-    # The bands lie beyond the fasteners, so a defective fastener does not change the evidence.
-    inner_mm = g.fastener_offset_mm + g.fastener_size_mm[0] / 2 + 20.0
-    outer_mm = inner_mm + g.seat_band_mm
-    upright = _shear(cues, slope, centre_row)
-    first_col = max(0, int(math.floor(rail_col - outer_mm / col_mm)))
-    last_col = min(cols, int(math.ceil(rail_col + outer_mm / col_mm)) + 1)
-    if last_col - first_col < 4:
+    def read(cumulated: np.ndarray, at: np.ndarray) -> np.ndarray:
+        low = np.minimum(at.astype(np.int64), cols - 1)
+        frac = at - low
+        return cumulated[row_index, low] * (1 - frac) + cumulated[row_index, low + 1] * frac
+
+    first, last = first[:, keep], last[:, keep]
+    out = [read(cumulated, last) - read(cumulated, first) for cumulated in summed]
+    centres = (starts + stops) / 2
+    return out, centres[keep]
+
+
+def seat_profile(
+    reduced: _Reduced,
+    rail: RailLine,
+    geometry: TrackGeometry,
+    summed: tuple[np.ndarray, np.ndarray],
+    open_start: bool = False,
+    open_end: bool = False,
+    skew_hint: int | None = None,
+    explore: bool = True,
+) -> SeatProfile | None:
+    """Seat evidence along one rail in a reduced window, and the seats it shows on its own.
+
+    ``summed`` is the reduced image times its validity, and the validity (1 where there is
+    image, 0 in fill), each cumulated along rows (see :func:`band_groups`).
+    ``open_start``/``open_end`` say that the window begins or ends the run: the profile is
+    then extended there with the window's typical ground, so a sleeper cut by the run's first
+    or last line still shows an edge at that line.
+    Steps: (1) band groups; (2) for each sleeper skew within ``max_sleeper_skew_deg``, shift
+    each group along the rail by the skew and sum into one profile of mean intensity;
+    (3) evidence: :func:`edge_pair_score` times :func:`shade_contrast` (scaled by
+    ``min_seat_contrast``, at most 1), best over the widths of :func:`sleeper_widths_mm`;
+    keep the skew with the most evidence in its seats (level, unless a skew gains 10 %);
+    (4) peaks above ``min_seat_edges`` at least ``(1 - pitch_tolerance) * pitch`` apart, each
+    centred midway between its two edges (:func:`_edge_midpoint`).
+    """
+    g = geometry
+    rows, _ = reduced.shape
+    col_mm = g.mm_per_px * reduced.fx
+    row_mm = g.mm_per_line * reduced.fy
+    slope = rail.slope * reduced.fy / reduced.fx
+
+    # 1. Band groups.
+    bands = band_groups(reduced, rail, g, summed)
+    if bands is None:
         return None
-    upright = np.ascontiguousarray(upright[:, first_col:last_col])
-    local_rail = rail_col - first_col
-    band_cols = np.abs(np.arange(upright.shape[1]) - local_rail) * col_mm
-    in_band = (band_cols >= inner_mm) & (band_cols <= outer_mm)
-    if in_band.sum() < 2:
-        return None
+    (shade_sums, valid_sums), group_cols = bands
 
     # 2-3. Skews (rows per column), each with its best evidence over sleeper widths.
     max_skew = math.tan(math.radians(g.max_sleeper_skew_deg)) * col_mm / row_mm
-    reach_cols = outer_mm / col_mm
+    reach_cols = float(np.abs(group_cols).max())
     skew_step = 1.5 / reach_cols  # the band's outer edge moves about 1.5 rows per step
     n_skews = int(math.ceil(max_skew / skew_step))
     widths = [w / row_mm for w in sleeper_widths_mm(g)]
+    nominal = g.sleeper_width_mm / row_mm
+    nearness = np.array([abs(math.log(w / nominal)) for w in widths])
     pad = int(math.ceil(max(widths))) + 2
     min_gap = max(3, int(g.sleeper_pitch_mm * (1 - g.pitch_tolerance) / row_mm))
     tone = g.sleeper_tone
+    y = np.arange(rows, dtype=np.float64)[:, None]
+    noise_level: list[float] = []
 
-    def evidence_at(skew: float) -> tuple[float, np.ndarray, list[int]]:
-        if skew == 0:
-            levelled = upright
-        else:
-            matrix = np.float32([[1, 0, 0], [skew, 1, -skew * local_rail]])
-            levelled = cv2.warpAffine(
-                upright,
-                matrix,
-                (upright.shape[1], rows),
-                flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                borderMode=cv2.BORDER_REPLICATE,
-            )
-        texture, shade, valid = levelled[:, in_band].sum(axis=1).astype(np.float64).T
-        valid_rows = valid >= 0.5 * in_band.sum()
-        with np.errstate(invalid="ignore", divide="ignore"):
-            texture, shade = texture / valid, shade / valid
+    def evidence_at(skew: float) -> tuple[float, np.ndarray, list[int], list[float]]:
+        at = y + skew * group_cols[None, :]
+        shade = _interpolate_rows(shade_sums, at).sum(axis=1)
+        valid = _interpolate_rows(valid_sums, at).sum(axis=1)
+        valid_rows = valid >= 0.5 * valid_sums.shape[1] * valid_sums.max(initial=1.0)
         if not valid_rows.any():
             return 0.0, np.zeros(rows), [], []
-        # Rows without enough image (fill) take the nearest valid row's values.
+        with np.errstate(invalid="ignore", divide="ignore"):
+            shade = shade / valid
+        # Rows without enough image (fill) take the nearest valid row's value.
         if not valid_rows.all():
             index = np.flatnonzero(valid_rows)
             nearest = index[np.clip(np.searchsorted(index, np.arange(rows)), 0, len(index) - 1)]
-            texture, shade = texture[nearest], shade[nearest]
-        # An open end of the run: extend with the window's typical ground (its median), so a
-        # sleeper cut by the first or last line shows an edge there.
+            shade = shade[nearest]
+        # An open end of the run: extend with the window's typical ground (its median).
         top = pad if open_start else 0
-        ground_shade, ground_texture = float(np.median(shade)), float(np.median(texture))
-        if open_start:
-            shade = np.concatenate([np.full(pad, ground_shade), shade])
-            texture = np.concatenate([np.full(pad, ground_texture), texture])
-        if open_end:
-            shade = np.concatenate([shade, np.full(pad, ground_shade)])
-            texture = np.concatenate([texture, np.full(pad, ground_texture)])
-        gradient = np.gradient(shade)
-        # The gradient's typical size, fixed by the level profile: resampling at a skew smooths
-        # the profile and would otherwise flatter every skew but zero.
-        noise = noise_level.setdefault(
-            "noise", float(np.percentile(np.abs(gradient), _NOISE_Q)) + 1e-6
+        ground = float(np.median(shade))
+        shade = np.concatenate(
+            [np.full(top, ground), shade, np.full(pad if open_end else 0, ground)]
         )
-        best_width = np.full(shade.shape, widths[len(widths) // 2])
-        if _SEAT_CUE == "texture":
-            evidence = np.max([seat_contrast(texture, w, rougher=slab) for w in widths], axis=0)
-            threshold = g.min_seat_contrast
-        elif _SEAT_CUE == "edges":
-            evidence = np.max([edge_pair_score(gradient, w, noise) for w in widths], axis=0)
-            threshold = g.min_seat_edges
-        elif _SEAT_CUE == "signed":
-            evidence = np.max([edge_pair_score(gradient, w, noise, tone) for w in widths], axis=0)
-            threshold = g.min_seat_edges
-        elif _SEAT_CUE == "plateau":
-            stack = np.array(
-                [
-                    edge_pair_score(gradient, w, noise, tone)
-                    * np.clip(shade_contrast(shade, w, tone) / g.min_seat_contrast, 0, 1)
-                    for w in widths
-                ]
-            )
-            evidence = stack.max(axis=0)
-            # The width is the one nearest the nominal among those within a few per cent of
-            # the best: a slab joint or a shadow just beyond a seat can make a wider pair
-            # almost as strong.
-            nominal = g.sleeper_width_mm / row_mm
-            nearness = np.array([abs(math.log(w / nominal)) for w in widths])
-            close = stack >= _WIDTH_TIE * evidence[None, :]
-            best_width = np.asarray(widths)[
-                np.argmin(np.where(close, nearness[:, None], np.inf), axis=0)
+        gradient = np.gradient(shade)
+        # The typical gradient is fixed by the level profile: resampling at a skew smooths
+        # the profile and would otherwise flatter every skew but zero.
+        if not noise_level:
+            noise_level.append(float(np.percentile(np.abs(gradient), _NOISE_QUANTILE)) + 1e-6)
+        stack = np.array(
+            [
+                edge_pair_score(gradient, w, noise_level[0], tone)
+                * np.clip(shade_contrast(shade, w, tone) / g.min_seat_contrast, 0, 1)
+                for w in widths
             ]
-            threshold = g.min_seat_edges
-        elif _SEAT_CUE == "plateau_only":
-            evidence = np.max([shade_contrast(shade, w, tone) for w in widths], axis=0)
-            threshold = g.min_seat_contrast
-        elif _SEAT_CUE == "gated":
-            # Edges bound both a sleeper and a gap between sleepers; the smoother side is the
-            # sleeper (the rougher, on slab track), so the texture decides which is which.
-            evidence = np.max(
-                [
-                    edge_pair_score(gradient, w, noise)
-                    * np.clip(seat_contrast(texture, w, rougher=slab) / _GATE, 0, 1)
-                    for w in widths
-                ],
-                axis=0,
-            )
-            threshold = g.min_seat_edges
-        else:
-            t = np.max([seat_contrast(texture, w, rougher=slab) for w in widths], axis=0)
-            e = np.max([edge_pair_score(gradient, w, noise) for w in widths], axis=0)
-            evidence = np.sqrt(np.clip(t / g.min_seat_contrast, 0, None) * e / g.min_seat_edges)
-            threshold = 1.0
+        )
+        evidence = stack.max(axis=0)
+        # The width: the one nearest the nominal among those within a few per cent of the
+        # best, for a slab joint or a shadow just beyond a seat can make a wider pair as strong.
+        close = stack >= _WIDTH_TIE * evidence[None, :]
+        best_width = np.asarray(widths)[np.argmin(np.where(close, nearness[:, None], np.inf), 0)]
         evidence = evidence[top : top + rows]
-        peaks = _peaks(evidence, min_gap, threshold)
+        peaks = _peaks(evidence, min_gap, g.min_seat_edges)
         centres = [_edge_midpoint(gradient, top, p, best_width[p + top], tone) for p in peaks]
         return (float(evidence[peaks].sum()) if peaks else 0.0), evidence, peaks, centres
 
-    # Coarse skews first, then the fine ones around the best coarse one.
+    # Coarse skews first, then the fine ones around the best coarse one; or, streaming, only
+    # the last window's skew and its neighbours (a camera's yaw changes slowly if at all).
     coarse = 3
-    noise_level: dict[str, float] = {}
-    candidates = {0: None} | {k: None for k in range(-n_skews, n_skews + 1, coarse)}
-    for k in candidates:
-        candidates[k] = evidence_at(k * skew_step)
-    k_best = max(candidates, key=lambda k: candidates[k][0])
-    for k in range(k_best - coarse + 1, k_best + coarse):
-        if -n_skews <= k <= n_skews and k not in candidates:
+    candidates = {0: evidence_at(0.0)}
+    if skew_hint is None:
+        for k in range(-n_skews, n_skews + 1, coarse):
+            candidates.setdefault(k, evidence_at(k * skew_step))
+        k_best = max(candidates, key=lambda k: candidates[k][0])
+    else:
+        candidates.setdefault(skew_hint, evidence_at(skew_hint * skew_step))
+        k_best, coarse = skew_hint, (2 if explore else 1)
+    for k in range(max(-n_skews, k_best - coarse + 1), min(n_skews, k_best + coarse - 1) + 1):
+        if k not in candidates:
             candidates[k] = evidence_at(k * skew_step)
     k_best = max(candidates, key=lambda k: candidates[k][0])
     # Level sleepers are the rule on a line-scan camera: a skew must earn its place.
-    if __import__("os").environ.get("DBG"):
-        print("skews", {k: (round(v[0], 1), len(v[2])) for k, v in sorted(candidates.items())})
     if candidates[k_best][0] < _SKEW_GAIN * candidates[0][0]:
         k_best = 0
     total, evidence, peaks, centres = candidates[k_best]
     skew = k_best * skew_step
-
-    # Back from the upright window (sheared by the rail's slope) to the reduced window.
-    return SeatProfile(rail, evidence, peaks, centres, skew / (1 + skew * slope), total)
+    # Back from the rail-upright frame to the reduced window.
+    return SeatProfile(rail, evidence, peaks, centres, skew / (1 + skew * slope), total, k_best)
 
 
 def refine_rail(reduced: _Reduced, profile: SeatProfile, geometry: TrackGeometry) -> RailLine:
@@ -658,14 +691,14 @@ def refine_rail(reduced: _Reduced, profile: SeatProfile, geometry: TrackGeometry
     Where sleepers cross the rail askew (a yawed camera, a sheared image), the two fasteners
     of a seat lie on different rows and the row-wise symmetry of :func:`find_rails` can lock
     beside the rail. Upright rail, levelled sleepers: the fasteners mirror each other again.
-    Searched within half a rail foot of the first estimate; the slope is kept.
+    Searched within a rail foot's width of the first estimate; the slope is kept.
     """
     g = geometry
     rail = profile.rail
     rows, cols = reduced.shape
     col_mm = g.mm_per_px * reduced.fx
     reach = max(3, round((g.fastener_offset_mm + g.fastener_size_mm[0] / 2) / col_mm))
-    search = max(2, round(g.rail_foot_width_mm / col_mm * _REFINE_SEARCH))
+    search = max(2, round(g.rail_foot_width_mm / col_mm))
     centre_row = rows / 2
     rail_col = reduced.col_of(rail.x_at(reduced.line_of(centre_row)))
     slope = rail.slope * reduced.fy / reduced.fx
@@ -674,7 +707,7 @@ def refine_rail(reduced: _Reduced, profile: SeatProfile, geometry: TrackGeometry
     if first < 0 or last > cols:
         return rail
     upright = _shear(reduced.image, slope, centre_row)[:, first:last]
-    skew = profile.skew * (1 + 0.0)  # rows per column in the reduced window
+    skew = profile.skew  # rows per column in the reduced window; in the upright one:
     upright_skew = skew / (1 - skew * slope) if abs(1 - skew * slope) > 1e-6 else skew
     matrix = np.float32([[1, 0, 0], [upright_skew, 1, -upright_skew * (rail_col - first)]])
     levelled = cv2.warpAffine(
@@ -769,7 +802,7 @@ class FastenerFinder:
         widest = g.lines(max(sleeper_widths_mm(g)))
         reach = widest * (0.5 + _FLANK_SHARE) + g.lines(g.sleeper_pitch_mm) / 2
         self._margin = int(math.ceil(max(crop_h / 2, reach))) + 2 * self._fy
-        self._context = self._margin + int(math.ceil(g.lines(_MIN_RAIL_LINES_MM)))
+        self._context = self._margin + int(math.ceil(g.lines(_RAIL_CONTEXT_MM)))
         # Two decisions may find the same seat a line apart; seats of a rail are far further.
         self._same_seat = g.lines(g.sleeper_pitch_mm * (1 - g.pitch_tolerance)) / 2
         self.buffer = LineBuffer(keep_lines=self._context + self._margin + crop_h)
@@ -778,6 +811,10 @@ class FastenerFinder:
         self._frames: deque[tuple[int, int, int]] = deque()  # (frame_index, first, lines)
         self.rails: list[RailLine] = []
         self._rails_window: tuple[int, int] | None = None
+        self._rows_first = 0  # shrunk rows cached, from absolute row (line // fy) ...
+        self._rows = np.zeros((0, 0), np.float32)
+        self._skews: dict[Rail, int] = {}  # the last sleeper skew of each rail, in steps
+        self._decisions = 0
 
     def push(self, frame: np.ndarray, frame_index: int) -> list[FoundFastener]:
         """Add a frame ``(lines, pixels)``; the fasteners decided with it."""
@@ -801,14 +838,14 @@ class FastenerFinder:
         fy = self._fy
         first = max(self.buffer.start, self._decided - self._context)
         first = -(-first // fy) * fy  # row blocks aligned to absolute lines
-        lines = self.buffer.read(first, self.buffer.end)
-        reduced = _Reduced(lines, first, self._fx, fy)
+        reduced = self._reduced(first, self.buffer.end)
         if reduced.shape[0] < 8 or reduced.shape[1] < 8:
             self._decided = decide_to
             return []
         window = (first, self.buffer.end)
         if window != self._rails_window:
-            self.rails = find_rails(reduced, g, self.direction)
+            hint = self.rails[0].slope if self.rails else None
+            self.rails = find_rails(reduced, g, self.direction, hint)
             self._rails_window = window
         if not self.rails:
             log.warning("rails_not_found", first_line=first, last_line=self.buffer.end)
@@ -819,19 +856,27 @@ class FastenerFinder:
             scale = 257.0 if self.buffer.dtype == np.uint16 else 1.0
             filled = (reduced.image <= g.fill_level * scale).astype(np.uint8)
             valid = 1.0 - cv2.dilate(filled, np.ones((5, 5), np.uint8)).astype(np.float32)
-        texture = np.abs(cv2.Sobel(reduced.image, cv2.CV_32F, 1, 0, ksize=3))
-        cues = np.dstack([texture * valid, reduced.image * valid, valid])
+        zero = np.zeros((reduced.shape[0], 1), np.float32)
+        summed = tuple(
+            np.concatenate([zero, np.cumsum(image, axis=1, dtype=np.float32)], axis=1)
+            for image in (reduced.image * valid, valid)
+        )
         open_start = first == 0
         open_end = decide_to == self.buffer.end
-        profiles = [seat_profile(reduced, r, g, cues, open_start, open_end) for r in self.rails]
-        profiles = [p for p in profiles if p is not None]
-        if _REFINE:
-            profiles = [
-                SeatProfile(
-                    refine_rail(reduced, p, g), p.evidence, p.peaks, p.centres, p.skew, p.total
-                )
-                for p in profiles
-            ]
+        profiles = []
+        for rail in self.rails:
+            hint = self._skews.get(rail.rail)
+            explore = self._decisions % _SKEW_EXPLORE_EVERY == 0
+            profile = seat_profile(
+                reduced, rail, g, summed, open_start, open_end, hint, explore=explore
+            )
+            if profile is None:
+                continue
+            if profile.peaks:
+                self._skews[rail.rail] = profile.skew_steps
+            if profile.skew_steps:  # level sleepers: find_rails' symmetry already holds
+                profile = dataclasses.replace(profile, rail=refine_rail(reduced, profile, g))
+            profiles.append(profile)
         found: list[FoundFastener] = []
         for profile, rows in zip(profiles, pair_seats(profiles, reduced, g)):
             rail = profile.rail
@@ -849,14 +894,28 @@ class FastenerFinder:
                 self._last_seat[rail.rail] = seat.line
                 found.extend(self._cut(rail, seat))
         self._decided = decide_to
+        self._decisions += 1
         found.sort(key=lambda f: (f.line, f.x))
         return found
+
+    def _reduced(self, first: int, end: int) -> _Reduced:
+        """Lines ``[first, end)`` reduced; rows shrunk before are kept and not shrunk again."""
+        fy = self._fy
+        row_first, row_end = first // fy, end // fy
+        cached_end = self._rows_first + self._rows.shape[0]
+        if not self._rows_first <= row_first <= cached_end:
+            self._rows_first, self._rows, cached_end = row_first, self._rows[:0], row_first
+        if row_end > cached_end:
+            fresh = shrink(self.buffer.read(cached_end * fy, row_end * fy), self._fx, fy)
+            self._rows = np.concatenate([self._rows, fresh]) if self._rows.size else fresh
+        self._rows = self._rows[row_first - self._rows_first :]
+        self._rows_first = row_first
+        return _Reduced.from_shrunk(self._rows[: row_end - row_first], first, self._fx, fy)
 
     def _cut(self, rail: RailLine, seat: Seat) -> list[FoundFastener]:
         g = self.geometry
         rail_x = rail.x_at(seat.line)
         offset = g.px(g.fastener_offset_mm)
-        frame_index, frame_first = self._frame_of(seat.line)
         out = []
         for image_side, sign in (("left", -1.0), ("right", 1.0)):
             x = rail_x + sign * offset
@@ -865,6 +924,7 @@ class FastenerFinder:
                 continue  # this fastener is outside the image
             mirrored = sign > 0  # fastener right of the rail: flip to put the rail on the right
             crop, x0, line0, truncated = cut_crop(self.buffer, g, x, line, mirrored)
+            frame_index, frame_first = self._frame_of(line)
             width, height = g.crop_size
             out.append(
                 FoundFastener(
@@ -877,7 +937,7 @@ class FastenerFinder:
                     box=(x0, line0 - frame_first, width, height),
                     mirrored=mirrored,
                     truncated=truncated,
-                    score=seat.contrast,
+                    score=seat.evidence,
                 )
             )
         return out
