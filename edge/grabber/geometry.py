@@ -54,8 +54,9 @@ class TrackGeometry(StrictModel):
     track_form: Literal["ballasted", "slab"] = Field(
         "ballasted",
         description=(
-            "ballasted: rail seats are found from the sleepers; slab: from the baseplates "
-            "under the rail"
+            "ballasted (concrete sleepers) or slab (baseplates on a concrete slab); the finder "
+            "treats a baseplate as a sleeper, so on slab set sleeper_width_mm, sleeper_tone and "
+            "seat_band_mm to the baseplate's width, shade and margin beyond the fasteners"
         ),
     )
 
