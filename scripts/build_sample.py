@@ -107,7 +107,7 @@ def _merge_close(values: list[int], tolerance: int = 30) -> list[int]:
 
 def lead_in(first_band: np.ndarray, lines: int) -> np.ndarray:
     """``lines`` of ballast and rails, tiled from the gap at the top of the first band."""
-    gap = first_band[HALF_PITCH_PX // 2 - 20 : HALF_PITCH_PX // 2 + 20]
+    gap = first_band[:40]  # the band starts mid-gap: its first 40 lines are ballast only
     tiles = []
     while sum(len(tile) for tile in tiles) < lines:
         tiles.append(gap if len(tiles) % 2 == 0 else gap[::-1])

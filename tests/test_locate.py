@@ -188,6 +188,18 @@ def test_same_fasteners_whatever_the_frame_size():
         assert line_gap <= 1.0 and x_gap <= 1.5
 
 
+@pytest.mark.timeout(60)
+def test_frames_longer_than_the_buffer_depth_lose_no_fastener():
+    # A regression: the line buffer once kept a fixed depth, so with frames longer than it the
+    # undecided lines at the end of every frame were dropped, and their seats with them.
+    strip = generate_strip(BALLASTED, StripSpec(lines=7000, seed=11))
+    depth = FastenerFinder(BALLASTED).buffer.keep_lines
+    for lines_per_frame in (depth + 97, 2 * depth + 31):
+        found = run_finder(strip, lines_per_frame)
+        assert len(found) == len(strip.fasteners) == 92, lines_per_frame
+        assert match(strip, found)["recall"] == 1.0
+
+
 def test_crops_are_canonical_rail_on_the_right():
     strip = generate_strip(BALLASTED, StripSpec(lines=1500, seed=7))
     found = run_finder(strip, 1500)

@@ -818,6 +818,10 @@ class FastenerFinder:
 
     def push(self, frame: np.ndarray, frame_index: int) -> list[FoundFastener]:
         """Add a frame ``(lines, pixels)``; the fasteners decided with it."""
+        # Lines not yet decided (and their context) must outlive this frame's arrival, however
+        # long the frame: a fixed depth lost the last lines of every frame longer than it.
+        needed = frame.shape[0] + self._context + self._margin + self.geometry.crop_size[1]
+        self.buffer.keep_lines = max(self.buffer.keep_lines, needed)
         first = self.buffer.push(frame)
         self._frames.append((frame_index, first, frame.shape[0]))
         while self._frames and self._frames[0][1] + self._frames[0][2] <= self.buffer.start:
