@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "model-info": ("edge.model.info", "parameters, GFLOP per crop and skip concatenations"),
     "train": ("edge.train", "train Diff-Fastener on normal crops"),
     "eval": ("edge.evaluate.run", "image/pixel AUROC, AUPRO, F1 on a test set"),
+    "crossval": ("edge.evaluate.crossval", "k-fold cross-validation of training and eval"),
     "prepare-crops": (
         "edge.datasets.prepare",
         "aligned fastener crops from labelled top-down track images",

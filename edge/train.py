@@ -315,8 +315,14 @@ def _check_replicas(model: DiffFastener, rank: int, world: int) -> None:
         raise RuntimeError(f"DDP replicas differ after training: {gathered}")
 
 
-def train(config: TrainConfig, resume: str | Path | None = None) -> Path:
-    """Run training; returns the path of ``best.pt`` (or ``last.pt`` without validation)."""
+def train(
+    config: TrainConfig, resume: str | Path | None = None, images: np.ndarray | None = None
+) -> Path:
+    """Run training; returns the path of ``best.pt`` (or ``last.pt`` without validation).
+
+    ``images`` (float32 ``(N, H, W, C)`` in [0, 1]) replaces the crops of ``config.data_dir``;
+    cross-validation passes each fold's training crops this way.
+    """
     rank, world = _distributed()
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
@@ -327,7 +333,8 @@ def train(config: TrainConfig, resume: str | Path | None = None) -> Path:
         (out_dir / "train_config.json").write_text(config.to_json() + "\n")
 
     # 1. Data: normal crops, a validation split held out of training.
-    images = load_training_images(config.data_dir, config.model)
+    if images is None:
+        images = load_training_images(config.data_dir, config.model)
     order = np.random.default_rng(config.seed).permutation(len(images))
     n_val = int(round(config.val_fraction * len(images)))
     val_images, train_images = images[order[:n_val]], images[order[n_val:]]
