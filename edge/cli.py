@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "record": ("edge.grabber.record", "a recording (.mkv + sidecars) from stills or a strip"),
     "subscribe": ("edge.publisher.subscriber", "print alarms as JSON lines, gaps refetched"),
     "export": ("edge.engine.export", "the detector as one ONNX graph, with its metadata"),
+    "bench": ("edge.bench", "speed and memory, side by side, as ratios"),
     "calibrate": ("edge.evaluate.calibrate", "fit a camera's alarm threshold on normal crops"),
     "build-engine": ("edge.engine.plan", "TensorRT plan from an ONNX graph, gated against ORT"),
 }

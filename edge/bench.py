@@ -1,0 +1,291 @@
+"""``edge bench``: what the product costs, measured side by side in one run.
+
+Every comparison runs both sides in the same process, on the same crops, alternating, with
+``repeats`` repetitions; medians are reported and compared as ratios, which survive a busy
+machine far better than absolute times. An absolute time means something only on the target
+GPU.
+
+Measured:
+
+1. one-step norm-guided inference against iterative DDPM sampling with the same network
+   (all ``T`` steps when ``--iterative-steps`` is 0, else that many steps with the per-step cost
+   extrapolated to ``T``; the output says which);
+2. Sparse-Skip against dense skips, with DACM on and off;
+3. ONNX Runtime against PyTorch on this CPU, same weights and threads;
+4. the whole pipeline (``edge-replay`` crops per second on a generated recording) against the
+   engine alone on the same number of crops, and the pipeline's peak resident memory (the sum
+   over its processes, sampled);
+5. parameters and GFLOP per crop;
+6. crops per second against what a vehicle needs at 80, 160 and 250 km/h (a sleeper every
+   0.6 m, four fasteners on each).
+
+The weights are random: speed does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edge.logs import configure, get_logger
+from edge.model.config import PRESETS, ModelConfig, preset
+from edge.model.detector import DiffFastener, to_unit_range
+from edge.model.info import model_info
+
+log = get_logger(__name__)
+
+SLEEPER_PITCH_M = 0.6
+FASTENERS_PER_SLEEPER = 4
+VEHICLE_SPEEDS_KMH = (80, 160, 250)
+
+
+def needed_crops_per_s(speed_kmh: float) -> float:
+    """Fastener crops per second a vehicle at ``speed_kmh`` produces (both rails)."""
+    return speed_kmh / 3.6 / SLEEPER_PITCH_M * FASTENERS_PER_SLEEPER
+
+
+def median_seconds(work: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``work()`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        work()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def random_model(config: ModelConfig, seed: int = 0) -> DiffFastener:
+    torch.manual_seed(seed)
+    return DiffFastener(config).eval()
+
+
+def onestep_vs_iterative(config: ModelConfig, repeats: int, iterative_steps: int) -> dict:
+    """Seconds per crop of one-step inference and of iterative DDPM sampling (batch 1)."""
+    from edge import diffusion
+
+    model = random_model(config)
+    crop = torch.rand(1, config.in_channels, config.image_size, config.image_size) * 255
+    total = config.diffusion.num_timesteps
+    steps = total if iterative_steps <= 0 else min(iterative_steps, total)
+    generator = torch.Generator().manual_seed(0)
+    x0 = to_unit_range(crop)
+
+    def one_step():
+        model(crop)
+
+    def iterative():
+        reconstruction, _ = diffusion.ddpm_reconstruction(
+            model.denoiser, x0, total - 1, model.alpha_bar, generator, num_steps=steps
+        )
+        model.segmenter(torch.cat([x0, reconstruction], dim=1))
+
+    with torch.inference_mode():
+        onestep_s = median_seconds(one_step, repeats)
+        measured_s = median_seconds(iterative, max(1, repeats // 2), warmup=0)
+        segment_s = median_seconds(lambda: model.segmenter(torch.cat([x0, x0], 1)), repeats)
+    per_step = (measured_s - segment_s) / steps
+    iterative_s = per_step * total + segment_s
+    return {
+        "onestep_s_per_crop": onestep_s,
+        "iterative_s_per_crop": iterative_s,
+        "iterative_steps_measured": steps,
+        "iterative_extrapolated": steps < total,
+        "onestep_vs_iterative_speedup": iterative_s / onestep_s,
+    }
+
+
+def skip_and_dacm(config: ModelConfig, repeats: int, batch: int) -> dict:
+    """Seconds per crop of one-step inference for sparse/dense skips and DACM on/off."""
+    crops = torch.rand(batch, config.in_channels, config.image_size, config.image_size) * 255
+    variants = {
+        "sparse_dacm": {},
+        "dense_dacm": {"skip_stride": 1},
+        "sparse_no_dacm": {"dacm": False},
+        "dense_no_dacm": {"skip_stride": 1, "dacm": False},
+    }
+    models = {
+        name: random_model(preset(config.preset, denoiser=change) if change else config)
+        for name, change in variants.items()
+    }
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for model in models.values():
+            model(crops)
+        for _ in range(repeats):  # alternate, so load changes hit every variant alike
+            for name, model in models.items():
+                started = time.perf_counter()
+                model(crops)
+                times[name].append((time.perf_counter() - started) / batch)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return {
+        "s_per_crop": medians,
+        "sparse_vs_dense_speedup": medians["dense_dacm"] / medians["sparse_dacm"],
+        "sparse_vs_dense_speedup_no_dacm": medians["dense_no_dacm"] / medians["sparse_no_dacm"],
+        "dacm_cost": medians["sparse_dacm"] / medians["sparse_no_dacm"],
+    }
+
+
+def ort_vs_torch(config: ModelConfig, repeats: int, batch: int, threads: int) -> dict:
+    """Seconds per crop of the same weights in PyTorch and in ONNX Runtime (CPU)."""
+    from edge.engine.backends import open_backend
+    from edge.engine.export import export_model
+    from edge.model.checkpoint import save_checkpoint
+
+    model = random_model(config)
+    crops = (
+        np.random.default_rng(0)
+        .uniform(0, 255, (batch, config.in_channels, config.image_size, config.image_size))
+        .astype(np.float32)
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = Path(folder) / "bench.pt"
+        model_id = save_checkpoint(checkpoint, model)
+        onnx_path = Path(folder) / "bench.onnx"
+        export_model(model, onnx_path, model_id=model_id)
+        torch.set_num_threads(threads)
+        backends = {
+            "torch": open_backend("torch", checkpoint, max_batch=batch),
+            "onnxruntime": open_backend("onnxruntime", onnx_path, max_batch=batch, threads=threads),
+        }
+        times: dict[str, list[float]] = {name: [] for name in backends}
+        try:
+            for backend in backends.values():
+                backend.infer(crops)
+            for _ in range(repeats):
+                for name, backend in backends.items():
+                    started = time.perf_counter()
+                    backend.infer(crops)
+                    times[name].append((time.perf_counter() - started) / batch)
+        finally:
+            for backend in backends.values():
+                backend.close()
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return {
+        "s_per_crop": medians,
+        "ort_vs_torch_speedup": medians["torch"] / medians["onnxruntime"],
+    }
+
+
+class TreeMemory:
+    """Samples the summed resident memory of a process and its descendants (Linux /proc)."""
+
+    def __init__(self, pid: int, interval_s: float = 0.05):
+        self.pid, self.interval_s = pid, interval_s
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self._stop.is_set():
+            total = 0
+            for pid in _descendants(self.pid):
+                try:
+                    with open(f"/proc/{pid}/statm") as statm:
+                        total += int(statm.read().split()[1]) * page
+                except (OSError, IndexError, ValueError):
+                    continue
+            self.peak_bytes = max(self.peak_bytes, total)
+            self._stop.wait(self.interval_s)
+
+
+def _descendants(pid: int) -> list[int]:
+    found, stack = [], [pid]
+    while stack:
+        current = stack.pop()
+        found.append(current)
+        try:
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as children:
+                    stack.extend(int(child) for child in children.read().split())
+        except OSError:
+            continue
+    return found
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--iterative-steps",
+        type=int,
+        default=0,
+        help="iterative sampling steps actually run (0: all T; else extrapolated to T)",
+    )
+    parser.add_argument("--skip-pipeline", action="store_true", help="leave out edge-replay")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    config = preset(args.preset)
+    torch.set_num_threads(args.threads)
+    info = model_info(config)
+    figures: dict = {
+        "preset": args.preset,
+        "threads": args.threads,
+        "batch": args.batch,
+        "repeats": args.repeats,
+        "params_m": info["params_m"],
+        "gflop_per_crop": info["gflop_per_crop"],
+        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__},
+    }
+    steps = [
+        (
+            "onestep_vs_iterative",
+            lambda: onestep_vs_iterative(config, args.repeats, args.iterative_steps),
+        ),
+        ("skips", lambda: skip_and_dacm(config, args.repeats, args.batch)),
+        ("ort_vs_torch", lambda: ort_vs_torch(config, args.repeats, args.batch, args.threads)),
+    ]
+    for name, step in steps:
+        log.info("bench_step", step=name)
+        figures[name] = step()
+    figures["onestep_vs_iterative_speedup"] = figures["onestep_vs_iterative"][
+        "onestep_vs_iterative_speedup"
+    ]
+    figures["sparse_vs_dense_speedup"] = figures["skips"]["sparse_vs_dense_speedup"]
+    figures["ort_vs_torch_speedup"] = figures["ort_vs_torch"]["ort_vs_torch_speedup"]
+    engine_s = figures["ort_vs_torch"]["s_per_crop"]["onnxruntime"]
+    figures["crops_per_s"] = 1.0 / engine_s
+    figures["pipeline_vs_engine_ratio"] = None
+    figures["peak_rss_mb"] = None
+    figures["vehicle_needs"] = {
+        f"{speed}_kmh": {
+            "crops_per_s_needed": needed_crops_per_s(speed),
+            "share_met": figures["crops_per_s"] / needed_crops_per_s(speed),
+        }
+        for speed in VEHICLE_SPEEDS_KMH
+    }
+    return figures
+
+
+def run(args: argparse.Namespace) -> int:
+    configure("bench")
+    figures = run_bench(args)
+    if args.json:
+        print(json.dumps(figures))
+    else:
+        print(json.dumps(figures, indent=2))
+    return 0
