@@ -3,10 +3,12 @@
 Writes an MVTec-layout folder that ``edge train``, ``edge eval`` and ``edge calibrate`` read:
 
     OUT/train/good/*.png           normal crops of the training scenes
-    OUT/calibration/good/*.png     normal crops of held-out scenes, for fitting thresholds
-    OUT/test/good/*.png            normal crops of the held-out scenes
+    OUT/test/good/*.png            normal crops of the test scenes
     OUT/test/<kind>/*.png          the same crops with an edited defect (missing, displaced,
     OUT/ground_truth/<kind>/*_mask.png    broken) and its mask
+    OUT/holdout/...                the same layout for a third set of scenes, kept out of both
+                                   training and test: for choosing checkpoints and settings,
+                                   and (holdout/test/good) for fitting alarm thresholds
     OUT/manifest.json              scenes of each split, counts, geometry
 
 Scenes (source photographs) never straddle splits: the augmented copies of one photograph all
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import zlib
 from pathlib import Path
 
 import cv2
@@ -50,16 +53,16 @@ def list_scenes(images_dir: Path) -> dict[str, list[Path]]:
 
 
 def split_scenes(
-    scenes: list[str], test_count: int, calibration_count: int, exclude: set[str], seed: int
+    scenes: list[str], test_count: int, holdout_count: int, exclude: set[str], seed: int
 ):
-    """Deterministic (train, test, calibration) split of the scenes not excluded."""
+    """Deterministic (train, test, holdout) split of the scenes not excluded."""
     pool = [scene for scene in scenes if scene not in exclude]
     order = np.random.default_rng(seed).permutation(len(pool))
-    held_out = test_count + calibration_count
+    held_out = test_count + holdout_count
     test = sorted(pool[i] for i in order[:test_count])
-    calibration = sorted(pool[i] for i in order[test_count:held_out])
+    holdout = sorted(pool[i] for i in order[test_count:held_out])
     train = sorted(pool[i] for i in order[held_out:])
-    return train, test, calibration
+    return train, test, holdout
 
 
 def clean(image: np.ndarray, median: int) -> np.ndarray:
@@ -76,7 +79,7 @@ def prepare(
     dataset_dir: Path,
     out_dir: Path,
     test_scene_count: int = 8,
-    calibration_scene_count: int = 8,
+    holdout_scene_count: int = 8,
     exclude: set[str] | None = None,
     seed: int = 0,
     median: int = 3,
@@ -85,21 +88,24 @@ def prepare(
     """Build the crop folders; returns the manifest."""
     images_dir = dataset_dir / "images" if (dataset_dir / "images").is_dir() else dataset_dir
     scenes = list_scenes(images_dir)
-    train, test, calibration = split_scenes(
-        list(scenes), test_scene_count, calibration_scene_count, exclude or set(), seed
+    train, test, holdout = split_scenes(
+        list(scenes), test_scene_count, holdout_scene_count, exclude or set(), seed
     )
-    rng = np.random.default_rng(seed)
     half_w = CLIP_HALF_MM[0] / geometry.mm_per_px
     half_h = CLIP_HALF_MM[1] / geometry.mm_per_px
     offset_px = geometry.fastener_offset_mm / geometry.mm_per_px
-    counts = {"train": 0, "calibration": 0, "test_good": 0, **{kind: 0 for kind in DEFECT_KINDS}}
+    counts = {"train": 0}
+    for split in ("test", "holdout"):
+        counts |= {f"{split}_good": 0, **{f"{split}_{kind}": 0 for kind in DEFECT_KINDS}}
     skipped = []
     jobs = (
         [(scene, "train") for scene in train]
-        + [(scene, "calibration") for scene in calibration]
+        + [(scene, "holdout") for scene in holdout]
         + [(scene, "test") for scene in test]
     )
     for scene, split in tqdm(jobs, desc="scenes", disable=None):
+        # Edits depend on the scene alone, not on which other scenes were prepared before.
+        rng = np.random.default_rng([seed, zlib.crc32(scene.encode())])
         for path in scenes[scene]:
             labelled = load_labelled(path)
             labelled.image = clean(labelled.image, median)
@@ -111,12 +117,13 @@ def prepare(
                 if not mostly_image(crop.image):
                     continue
                 stem = f"{path.stem[:8]}-{path.stem[-8:]}-{number:02d}"
-                if split in ("train", "calibration"):
-                    _write(out_dir / split / "good" / f"{stem}.png", crop.image)
-                    counts[split] += 1
+                if split == "train":
+                    _write(out_dir / "train" / "good" / f"{stem}.png", crop.image)
+                    counts["train"] += 1
                     continue
-                _write(out_dir / "test" / "good" / f"{stem}.png", crop.image)
-                counts["test_good"] += 1
+                root = out_dir if split == "test" else out_dir / "holdout"
+                _write(root / "test" / "good" / f"{stem}.png", crop.image)
+                counts[f"{split}_good"] += 1
                 away = 1 if crop.mirrored else -1
                 away_in_image = -away if crop.mirrored else away
                 box = ClipBox(crop.centre[0], crop.centre[1], half_w, half_h)
@@ -125,14 +132,14 @@ def prepare(
                     image, region = _cut_like(edited, mask, crop, geometry, offset_px)
                     if region.sum() == 0:
                         continue
-                    _write(out_dir / "test" / kind / f"{stem}.png", image)
-                    _write(out_dir / "ground_truth" / kind / f"{stem}_mask.png", region * 255)
-                    counts[kind] += 1
+                    _write(root / "test" / kind / f"{stem}.png", image)
+                    _write(root / "ground_truth" / kind / f"{stem}_mask.png", region * 255)
+                    counts[f"{split}_{kind}"] += 1
     manifest = {
         "source": str(dataset_dir),
         "train_scenes": train,
         "test_scenes": test,
-        "calibration_scenes": calibration,
+        "holdout_scenes": holdout,
         "excluded_scenes": sorted(exclude or set()),
         "counts": counts,
         "skipped_images": skipped,
@@ -169,7 +176,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (MVTec layout)")
     parser.add_argument("--test-scenes", type=int, default=8, help="scenes held out for test")
     parser.add_argument(
-        "--calibration-scenes", type=int, default=8, help="scenes held out for thresholds"
+        "--holdout-scenes",
+        type=int,
+        default=8,
+        help="scenes held out for choosing checkpoints and fitting thresholds",
     )
     parser.add_argument(
         "--exclude-scenes", help="text file of scene names to leave out (e.g. the sample's)"
@@ -191,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
         Path(args.dataset_dir),
         Path(args.out),
         test_scene_count=args.test_scenes,
-        calibration_scene_count=args.calibration_scenes,
+        holdout_scene_count=args.holdout_scenes,
         exclude=exclude,
         seed=args.seed,
         median=args.median,
