@@ -175,6 +175,13 @@ class TrainingObjective(nn.Module):
         }
 
 
+def validation_key(config: TrainConfig) -> str:
+    """Names what best.pt was chosen on; a best score counts only against the same set."""
+    if config.validation_dir:
+        return f"holdout_image_auroc:{config.validation_dir}"
+    return f"{config.validation}_image_auroc"
+
+
 def same_network(first: ModelConfig, second: ModelConfig) -> bool:
     """Whether two configs build the same weights (diffusion timesteps and top-k aside)."""
     ignored = {"diffusion", "top_k", "preset"}
@@ -386,7 +393,8 @@ def train(
         if "optimizer" in payload:
             optimizer.load_state_dict(payload["optimizer"])
         step = int(payload["step"])
-        best_auroc = float(payload["extra"].get("best_val_auroc", -1.0))
+        if payload["extra"].get("validation_key") == validation_key(config):
+            best_auroc = float(payload["extra"].get("best_val_auroc", -1.0))
         log.info("resumed", checkpoint=str(resume), step=step, best_val_auroc=best_auroc)
     model.train()
     ema = copy.deepcopy(model).eval() if config.ema_decay is not None else None
@@ -405,6 +413,7 @@ def train(
 
     def save(name: str, with_optimizer: bool) -> None:
         extra["best_val_auroc"] = best_auroc
+        extra["validation_key"] = validation_key(config)
         resume_state = None
         if with_optimizer and ema is not None:
             resume_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
@@ -467,11 +476,7 @@ def train(
         ):
             scores = score_crops(shipped, val_crops)
             auroc = float(roc_auc_score(val_labels, scores))
-            key = (
-                "holdout_image_auroc"
-                if config.validation_dir
-                else f"{config.validation}_image_auroc"
-            )
+            key = validation_key(config).split(":")[0]
             log.info("validation", step=step, **{key: round(auroc, 4)})
             with (out_dir / "validation.jsonl").open("a") as record:
                 record.write(json.dumps({"step": step, key: auroc}) + "\n")
