@@ -28,6 +28,7 @@ from pipeline_support import (
     start,
 )
 
+from edge.publisher import Subscriber
 from edge.publisher.schema import validate_message
 
 pytestmark = pytest.mark.slow
@@ -235,3 +236,58 @@ def test_engine_killed_mid_run_ends_with_the_same_alarms(shared, defects_run, tm
     ]
     assert summary["crops"] == 216
     assert len([line for line in lines if re.match(r"ALARM #", line)]) == len(undisturbed)
+
+
+@pytest.mark.timeout(150)
+def test_publisher_killed_mid_run_every_alarm_reaches_a_subscriber_once(
+    shared, defects_run, tmp_path
+):
+    """The publisher is frozen, then SIGKILLed, mid-run. Its successor sends what the spool
+    holds unsent, the grabber resends what was not acknowledged, the successor drops crops
+    the spool already alarmed on, and a subscriber (with replay) gets every alarm once."""
+    undisturbed = defects_run["summary"]["alarms"]
+    port = free_port()
+    subscriber = Subscriber(
+        f"tcp://127.0.0.1:{port}", replay_endpoint=f"tcp://127.0.0.1:{port + 1}", validate=True
+    )
+    publish = ("--publish", f"tcp://127.0.0.1:{port}", "--wait-for-subscriber", "20")
+    command = replay_command(
+        *_replay_args(shared, "--realtime", "--json", "--serve-after", "2", *publish)
+    )
+    process, stdout, stderr = start(command)
+    delivered = []
+    try:
+        publisher = stderr.wait_event(
+            "child_ready", 60, where=lambda event: event.get("child") == "publisher"
+        )
+        deadline = time.monotonic() + 30
+        while sum("ALARM" in line for line in stderr.snapshot()) < 3:
+            assert time.monotonic() < deadline and process.poll() is None
+            delivered += subscriber.poll(0.05)
+        os.kill(publisher["pid"], signal.SIGSTOP)
+        stopped = time.monotonic()
+        while time.monotonic() - stopped < 1.0:
+            delivered += subscriber.poll(0.05)
+        os.kill(publisher["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 90
+        while process.poll() is None and time.monotonic() < deadline:
+            delivered += subscriber.poll(0.1)
+        delivered += subscriber.poll(0.3)
+        assert process.wait(5) == 0, "\n".join(stderr.snapshot()[-20:])
+    finally:
+        process.kill()
+        process.wait(10)
+        subscriber.close()
+    summary = json.loads(stdout.finish()[-1])
+    assert summary["restarts"]["publisher"] == 1
+    assert sum(event["count"] for event in stderr.events("crops_resent")) > 0
+    key = ("crop_id", "rail", "side", "mileage_m", "image_score")
+    assert sorted(tuple(a[k] for k in key) for a in summary["alarms"]) == sorted(
+        tuple(a[k] for k in key) for a in undisturbed
+    )
+    assert [a["seq"] for a in summary["alarms"]] == list(range(1, len(undisturbed) + 1))
+    alarms = [message.body for message in delivered if message.topic == "alarm/"]
+    assert [body["seq"] for body in alarms] == list(range(1, len(undisturbed) + 1))
+    assert sorted(body["crop"]["crop_id"] for body in alarms) == sorted(
+        a["crop_id"] for a in undisturbed
+    )

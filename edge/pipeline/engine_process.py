@@ -175,7 +175,7 @@ def _serve(
     try:
         while True:
             # 4. Wait for crops or a command; take every batch waiting, up to about max_batch.
-            events = dict(poller.poll(0 if outbox else wait_ms))
+            events = dict(poller.poll(10 if outbox else wait_ms))
             if any(command["type"] == "stop" for command in link.commands()):
                 break
             tags: list = []

@@ -223,8 +223,11 @@ class Grabber:
 
     def service(self, wait_s: float = 0.0) -> None:
         """Serve commands (waiting up to ``wait_s`` for one), send what is pending, beat."""
-        if wait_s > 0 and not self.window.pending:
-            self.link.socket.poll(int(wait_s * 1000))
+        if wait_s > 0:
+            # With crops pending (the socket would block) look again soon, not at once.
+            self.link.socket.poll(
+                int(1000 * (min(wait_s, 0.01) if self.window.pending else wait_s))
+            )
         for command in self.link.commands():
             kind = command["type"]
             if kind == "ack":

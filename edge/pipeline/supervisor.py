@@ -215,8 +215,13 @@ class Supervisor:
         previous = self._install_signals()
         try:
             self._open()
-            self._start()
-            self._loop()
+            try:
+                self._start()
+                self._loop()
+            except EdgeError as error:
+                log.error("pipeline_failed", status=int(error.exit_status), message=str(error))
+                self._shutdown(failed=True)  # in order: the publisher sends what it has
+                raise
             self._shutdown()
             return self._finish_outcome()
         finally:
@@ -574,13 +579,14 @@ class Supervisor:
         log.info("drain_started", signal=self.stop_signal, stop_timeout_s=timeout)
         self._send("grabber", {"type": "finish"})
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, failed: bool = False) -> None:
         """Stop grabber and engine, then the publisher; kill what outlives the stop timeout."""
         if not self.draining:
-            serve_until = time.monotonic() + self.settings.serve_after_s
-            while time.monotonic() < serve_until and not self.stop_signal:
-                self._turn()
-            self.notifier.stopping("the source is done")
+            if not failed:
+                serve_until = time.monotonic() + self.settings.serve_after_s
+                while time.monotonic() < serve_until and not self.stop_signal:
+                    self._turn()
+            self.notifier.stopping("failed" if failed else "the source is done")
             self.stop_until = time.monotonic() + self.settings.timing.stop_timeout_s
         for group in (("grabber", "engine"), ("publisher",)):
             for name in group:
