@@ -134,5 +134,5 @@ def main(kind: str, settings_json: str, folder: str, generation: int, log_level:
     finally:
         link.socket.close(linger=2000)  # a last `fatal` or `stopped` must get out
         context.destroy(linger=0)  # data sockets: what is queued is resent after acks
-    log.info("child_exit", status=status)
+    log.info("child_exit", status=status, cpu_s=round(time.process_time(), 3))
     sys.exit(status)

@@ -10,6 +10,10 @@
    ``max_batch`` crops), run them as one batch, send one ``scores`` message per batch. A
    heartbeat goes out between batches, so the supervisor sees a stuck inference as a stall.
 
+Known limit: batching is greedy (whatever is waiting, up to about ``max_batch``; it never
+waits to fill a batch), so batches are small while the engine keeps up and grow when it falls
+behind. A batch must finish within the supervisor's ``stall_timeout_s``.
+
 Only what the publisher needs leaves this process: per crop its score, ok flag and error;
 per alarm its heatmap overlay PNG, the defect hints and (for reports) the crop and
 reconstruction as grey PNGs. Anomaly maps and reconstructions of normal crops stay here.

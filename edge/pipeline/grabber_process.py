@@ -20,6 +20,16 @@
    crop counts and whether the recording was cut short; then keep serving acknowledgements
    and resends until ``stop``. ``finish`` (the supervisor draining on SIGTERM) ends the
    reading early the same way.
+
+Known limits:
+
+- A grabber restarted on a recording reads it again from the start (crop ids come from the
+  order the finder cuts, so the finder must see every frame again); the crops already
+  acknowledged are cut but not sent. A restart late in a long recording costs that re-read.
+- A live camera has no line positions of its own here: ``positions_from`` must name a
+  recording whose sidecars describe the run; a live GPS and encoder feed is not implemented.
+- Live mode drops crops only at the window; if the finder itself cannot keep up with the
+  camera, frames queue in the camera driver, which this process cannot see or report.
 """
 
 from __future__ import annotations

@@ -17,6 +17,12 @@
 
 A crop whose outputs held NaN or inf has no score: it is acknowledged and reported as a
 coverage gap (reason ``other``), never taken for a clean crop.
+
+Known limits: step 2 reads every alarm and gap of the run from the spool at each start (fast
+for thousands, slower for a run with hundreds of thousands of alarms) and keeps a map of the
+alarmed crop ids in memory. De-duplication is by crop id, so it holds only while crop ids
+name the same fastener: always for a recording (ids follow the finder's order), and for a
+camera because the supervisor starts ids above every id the spool holds for the run.
 """
 
 from __future__ import annotations

@@ -94,14 +94,29 @@ def replay_endpoint_for(publish: str) -> str | None:
     return f"{match.group(1)}:{int(match.group(2)) + 1}" if match else None
 
 
+EXIT_STATUSES = """exit statuses:
+  0  done                              6  model file missing or corrupt
+  3  recording cut short (after every  7  recording missing or unreadable
+     complete frame was processed)     8  calibration or config file invalid
+  4  no fastener found                11  pipeline failed (restart limit)
+  5  run.json or telemetry missing   130  interrupted (Ctrl-C)"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EXIT_STATUSES
     parser.add_argument("recording", type=Path, help="the run's .mkv (sidecars beside it)")
     parser.add_argument("--model", type=Path, help="default: engines/default.json or the .onnx")
     parser.add_argument(
         "--backend", choices=("onnxruntime", "torch", "tensorrt"), help="default: by suffix"
     )
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: the backend's)")
-    parser.add_argument("--calibration", type=Path, default=Path("calibration"))
+    parser.add_argument(
+        "--calibration",
+        type=Path,
+        default=Path("calibration"),
+        help="folder of VEHICLE/CAMERA.geometry.json and .thresholds.json (default calibration)",
+    )
     parser.add_argument("--geometry", type=Path, help="default: CALIBRATION/VEHICLE/CAMERA...")
     parser.add_argument("--thresholds", type=Path, help="default: CALIBRATION/VEHICLE/CAMERA...")
     parser.add_argument("--publish", help="bind the alarm PUB here, e.g. tcp://*:5560")
@@ -206,7 +221,8 @@ def alarm_line(ack: dict, threshold: float) -> str:
     mileage = ack.get("mileage")
     if mileage:
         km_post = int(mileage["mileage_m"] // 1000)
-        place = f"km {km_post} + {mileage['mileage_m'] - 1000 * km_post:7.2f} m"
+        metres = round(mileage["mileage_m"] - 1000 * km_post, 3)  # as in the summary
+        place = f"km {km_post} + {metres:7.2f} m"
     else:
         place = f"{ack['along_track_m']:.2f} m along the run"
     return (
