@@ -9,8 +9,10 @@ Defaults that make ``edge-replay samples/track-demo/run.mkv`` work from the repo
 - geometry and thresholds: ``CALIBRATION/<vehicle_id>/<camera_id>.geometry.json`` and
   ``.thresholds.json``, vehicle and camera from the recording's ``run.json``
   (``--calibration`` defaults to ``calibration``);
-- publishing: without ``--publish`` the publisher still spools (to ``REPORT/spool.db`` with
-  ``--report``, else to a temporary file) and binds an ipc socket nobody reads; with
+- publishing: without ``--publish`` the publisher still spools (to a fresh
+  ``REPORT/spool.db`` with ``--report``, else to a temporary file) and binds an ipc socket
+  nobody reads. An explicit ``--spool`` that already holds this run (vehicle and run id of
+  ``run.json``) continues it: alarms already spooled are not raised again. With
   ``--publish tcp://HOST:PORT`` it binds there, and its replay endpoint on PORT + 1 unless
   ``--replay-endpoint`` says otherwise.
 
@@ -310,6 +312,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.report is not None:
             args.report.mkdir(parents=True, exist_ok=True)
+            if args.spool is None:  # a report is of one replay: no alarms of an earlier one
+                for old in ("spool.db", "spool.db-wal", "spool.db-shm"):
+                    (args.report / old).unlink(missing_ok=True)
+                shutil.rmtree(args.report / "alarms", ignore_errors=True)
         spool.parent.mkdir(parents=True, exist_ok=True)
         settings = build_settings(args, spool)
         alarms_out = sys.stderr if args.json else sys.stdout
