@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("edge.bench", "speed and memory, side by side, as ratios"),
     "calibrate": ("edge.evaluate.calibrate", "fit a camera's alarm threshold on normal crops"),
     "build-engine": ("edge.engine.plan", "TensorRT plan from an ONNX graph, gated against ORT"),
+    "run": ("edge.pipeline.service", "the live inspection service (systemd, --config FILE)"),
 }
 
 
@@ -85,4 +86,8 @@ def replay_main(argv: Sequence[str] | None = None) -> int:
     )
     importlib.import_module(module_name).add_arguments(parser)
     args = parser.parse_args(argv)
-    return int(importlib.import_module(module_name).run(args) or 0)
+    try:
+        return int(importlib.import_module(module_name).run(args) or 0)
+    except EdgeError as error:
+        print(f"edge-replay: {error}", file=sys.stderr)
+        return int(error.exit_status)

@@ -65,3 +65,21 @@ class EngineRefusedError(EdgeError):
     """An engine failed its gate (output mismatch, NaN) and was not installed."""
 
     exit_status = ExitStatus.ENGINE_REFUSED
+
+
+class RecordingTruncatedError(EdgeError):
+    """A recording ends early (cut short); raised after every complete frame was processed."""
+
+    exit_status = ExitStatus.RECORDING_TRUNCATED
+
+
+class NoFastenersError(EdgeError):
+    """A whole recording was read and not one fastener was found in it."""
+
+    exit_status = ExitStatus.NO_FASTENERS
+
+
+class ServiceFailedError(EdgeError):
+    """The pipeline cannot go on by itself (a child restarted too often); systemd takes over."""
+
+    exit_status = ExitStatus.SERVICE_FAILED

@@ -16,6 +16,26 @@ import structlog
 _configured_for: str | None = None
 
 
+class StderrLogger:
+    """Writes each line to the current ``sys.stderr`` in one call.
+
+    One call per line: with several processes on one stderr pipe (the pipeline's children,
+    the journal) a line never interleaves with another's, as it can with ``print``, which
+    writes the newline apart. The current stream: one replaced after :func:`configure` (a
+    test's captured stderr) is the one written to.
+    """
+
+    def __init__(self, *args: object) -> None:
+        pass
+
+    def msg(self, message: str) -> None:
+        stream = sys.stderr
+        stream.write(message + "\n")
+        stream.flush()
+
+    log = debug = info = warn = warning = err = error = critical = exception = fatal = msg
+
+
 def configure(process: str = "edge", level: str | None = None) -> None:
     """Send structlog events of this process to stderr as JSON lines.
 
@@ -34,7 +54,7 @@ def configure(process: str = "edge", level: str | None = None) -> None:
             structlog.processors.JSONRenderer(sort_keys=False),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level_name)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=StderrLogger,
         cache_logger_on_first_use=False,
     )
     structlog.contextvars.clear_contextvars()

@@ -12,6 +12,7 @@ and lit alike; a shifted or rotated normal fastener scores high.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,3 +129,152 @@ class ZScoreBaseline:
                 )
         except (OSError, KeyError, ValueError) as error:
             raise ModelInvalidError(f"{path}: not a readable z-score baseline ({error})") from error
+
+    @property
+    def model_id(self) -> str:
+        """``zscore-`` and 12 hex digits of the SHA-256 of its statistics and ``top_k``."""
+        digest = hashlib.sha256()
+        for array in (self.mean, self.std):
+            digest.update(str(array.shape).encode())
+            digest.update(np.ascontiguousarray(array, dtype=np.float32).tobytes())
+        digest.update(str(self.top_k).encode())
+        return "zscore-" + digest.hexdigest()[:12]
+
+    def export_onnx(self, path: str | Path, model_id: str | None = None) -> Path:
+        """Write the baseline as an ONNX graph with the detector's interface, and its metadata.
+
+        The graph has the input and outputs of ``edge export``'s Diff-Fastener graph, so every
+        backend and the whole pipeline run it unchanged: ``crops`` float32
+        ``(batch, C, H, W)`` in ``[0, 255]`` -> ``anomaly_map`` ``(batch, 1, H, W)`` (the
+        z-score map of :meth:`anomaly_maps`), ``image_score`` ``(batch,)`` (mean of its
+        ``top_k`` largest values, as :meth:`score`) and ``reconstruction``
+        ``(batch, C, H, W)`` (the mean crop: what a normal crop should look like). It is
+        deterministic and needs no training, which is what pipeline tests want of a detector.
+
+        Known limit: the anomaly map is a z-score, not a probability in ``[0, 1]``; heatmaps
+        drawn on the detector's fixed ``[0, 1]`` scale saturate (draw with a larger vmax).
+
+        Steps: (1) build the graph at opset 17, (2) ``onnx.checker``, (3) compare ONNX Runtime
+        with :meth:`score` on the mean crop and noisy crops, refused over 1e-3, (4) write the
+        graph, then ``PATH.json`` (:class:`edge.engine.metadata.ExportMetadata`).
+
+        Returns:
+            the path of the graph.
+        """
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+
+        from edge.engine.backends.base import OUTPUT_NAMES
+        from edge.engine.metadata import (
+            INT8_CACHE_PATTERN,
+            THRESHOLDS_FOLDER,
+            THRESHOLDS_PATTERN,
+            ExportMetadata,
+            FileLocation,
+            TensorSpec,
+            metadata_path,
+            sha256_file,
+            write_json_atomic,
+        )
+
+        path = Path(path)
+        model_id = model_id or self.model_id
+        channels, height, width = self.mean.shape
+        if height != width:
+            raise ValueError(
+                f"square crops only (the export metadata has one size), {height}x{width}"
+            )
+        # 1. The graph: |x - mean| * (1 / std), channel mean, top-k mean; the mean crop.
+        constants = [
+            numpy_helper.from_array(self.mean[None].astype(np.float32), "mean"),
+            numpy_helper.from_array((1.0 / self.std)[None].astype(np.float32), "inv_std"),
+            numpy_helper.from_array(np.array([self.top_k], np.int64), "top_k"),
+        ]
+        nodes = [
+            helper.make_node("Sub", ["crops", "mean"], ["centred"]),
+            helper.make_node("Abs", ["centred"], ["distance"]),
+            helper.make_node("Mul", ["distance", "inv_std"], ["z"]),
+            helper.make_node("ReduceMean", ["z"], ["anomaly_map"], axes=[1], keepdims=1),
+            helper.make_node("Flatten", ["anomaly_map"], ["flat"], axis=1),
+            helper.make_node("TopK", ["flat", "top_k"], ["top_values", "top_indices"], axis=1),
+            helper.make_node("ReduceMean", ["top_values"], ["image_score"], axes=[1], keepdims=0),
+            helper.make_node("Shape", ["crops"], ["crops_shape"]),
+            helper.make_node("Expand", ["mean", "crops_shape"], ["reconstruction"]),
+        ]
+        shapes = {
+            "anomaly_map": ["batch", 1, height, width],
+            "image_score": ["batch"],
+            "reconstruction": ["batch", channels, height, width],
+        }
+        graph = helper.make_graph(
+            nodes,
+            "zscore_baseline",
+            [
+                helper.make_tensor_value_info(
+                    "crops", TensorProto.FLOAT, ["batch", channels, height, width]
+                )
+            ],
+            [
+                helper.make_tensor_value_info(name, TensorProto.FLOAT, shapes[name])
+                for name in OUTPUT_NAMES
+            ],
+            initializer=constants,
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        helper.set_model_props(
+            model, {"model_id": model_id, "preset": "zscore-baseline", "format": FORMAT}
+        )
+        # 2. Checker.
+        onnx.checker.check_model(model, full_check=True)
+        # 3. ONNX Runtime against numpy.
+        rng = np.random.default_rng(0)
+        crops = np.clip(
+            self.mean[None] + rng.normal(0.0, 20.0, (3, channels, height, width)), 0, 255
+        ).astype(np.float32)
+        crops[0] = self.mean
+        session = ort.InferenceSession(
+            model.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
+        ort_map, ort_score, _ = session.run(list(OUTPUT_NAMES), {"crops": crops})
+        numpy_map, numpy_score = self.score(crops)
+        differences = {
+            "anomaly_map_max_abs": float(np.max(np.abs(ort_map - numpy_map))),
+            "image_score_max_abs": float(np.max(np.abs(ort_score - numpy_score))),
+        }
+        if max(differences.values()) > 1e-3:
+            raise ModelInvalidError(f"{path}: ONNX graph differs from the baseline ({differences})")
+        # 4. Graph, then metadata.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(model, str(path))
+        tensor = ["batch", channels, height, width]
+        metadata = ExportMetadata(
+            model_id=model_id,
+            preset="zscore-baseline",
+            model={
+                "kind": "zscore-baseline",
+                "top_k": self.top_k,
+                "std_floor": self.std_floor,
+                "num_train_crops": self.num_train_crops,
+            },
+            image_size=height,
+            in_channels=channels,
+            opset=17,
+            onnx_file=path.name,
+            onnx_sha256=sha256_file(path),
+            input=TensorSpec(name="crops", dtype="float32", shape=tensor),
+            outputs=[
+                TensorSpec(name=name, dtype="float32", shape=shapes[name]) for name in OUTPUT_NAMES
+            ],
+            thresholds=FileLocation(
+                folder=THRESHOLDS_FOLDER, pattern=THRESHOLDS_PATTERN, keyed_by="model_id"
+            ),
+            int8_calibration_cache=FileLocation(
+                folder=THRESHOLDS_FOLDER, pattern=INT8_CACHE_PATTERN, keyed_by="onnx_sha256"
+            ),
+            exporter={"onnx": onnx.__version__},
+            export_check=differences,
+        )
+        write_json_atomic(metadata_path(path), metadata.model_dump(mode="json"))
+        return path

@@ -1,0 +1,391 @@
+"""``edge-replay run.mkv``: the whole pipeline on a recorded run, with a summary and a report.
+
+Defaults that make ``edge-replay samples/track-demo/run.mkv`` work from the repository root:
+
+- the model: ``--model``, else the file named by ``engines/default.json``
+  (``{"model": "NAME.onnx"}``, relative to ``engines/``), else the only ``.onnx`` in
+  ``engines/``; the backend follows the suffix (``.onnx`` onnxruntime on the CPU, ``.pt``
+  torch, ``.plan`` tensorrt) unless ``--backend`` says otherwise;
+- geometry and thresholds: ``CALIBRATION/<vehicle_id>/<camera_id>.geometry.json`` and
+  ``.thresholds.json``, vehicle and camera from the recording's ``run.json``
+  (``--calibration`` defaults to ``calibration``);
+- publishing: without ``--publish`` the publisher still spools (to a fresh
+  ``REPORT/spool.db`` with ``--report``, else to a temporary file) and binds an ipc socket
+  nobody reads. An explicit ``--spool`` that already holds this run (vehicle and run id of
+  ``run.json``) continues it: alarms already spooled are not raised again. With
+  ``--publish tcp://HOST:PORT`` it binds there, and its replay endpoint on PORT + 1 unless
+  ``--replay-endpoint`` says otherwise.
+
+The replay is lossless (the grabber waits for the engine), as fast as the engine allows, or
+paced to the recording with ``--realtime``. Each alarm is printed as it is spooled (stdout;
+stderr with ``--json``), then a summary read back from the spool; ``--json`` prints the
+summary as one JSON object on stdout. Logs are JSON lines on stderr (level
+``$EDGE_LOG_LEVEL``, default warning here so the progress bar stays readable).
+
+Exit statuses (edge/errors.py): 0 done; 3 the recording is cut short (after every complete
+frame was processed and summarised); 4 no fastener found; 5 run.json or telemetry missing;
+6 model missing or corrupt; 7 recording unreadable; 8 calibration or config invalid; 11 the
+pipeline failed (a child restarted too often); 130 interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from edge.errors import (
+    ConfigInvalidError,
+    EdgeError,
+    InputUnreadableError,
+    ModelInvalidError,
+    NoFastenersError,
+    RecordingTruncatedError,
+)
+from edge.logs import configure, get_logger
+from edge.pipeline.report import alarm_row, gap_row, read_spooled, write_report
+from edge.pipeline.settings import (
+    LOCAL_ENDPOINT,
+    EngineSettings,
+    GrabberSettings,
+    PipelineSettings,
+    PublisherSettings,
+)
+from edge.pipeline.supervisor import RunOutcome, Supervisor
+from edge.publisher.schema import ALARM_TOPIC, COVERAGE_TOPIC
+from edge.publisher.thresholds import thresholds_path
+from edge.telemetry.position import load_run_info
+
+log = get_logger(__name__)
+
+BACKEND_BY_SUFFIX = {".onnx": "onnxruntime", ".pt": "torch", ".plan": "tensorrt"}
+INTERRUPTED = 130
+
+
+def default_model(engines: Path = Path("engines")) -> Path:
+    """The model ``edge-replay`` uses without ``--model`` (module docstring).
+
+    Raises:
+        ModelInvalidError: no pointer and not exactly one ``.onnx`` in ``engines``.
+    """
+    pointer = engines / "default.json"
+    if pointer.is_file():
+        try:
+            name = json.loads(pointer.read_text(encoding="utf-8"))["model"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise ModelInvalidError(f'{pointer}: expected {{"model": "NAME.onnx"}}') from error
+        return engines / name
+    graphs = sorted(engines.glob("*.onnx"))
+    if len(graphs) != 1:
+        found = ", ".join(path.name for path in graphs) or "none"
+        raise ModelInvalidError(
+            f"{engines}/: no default model (ONNX graphs there: {found}); pass --model or name "
+            f'one in {pointer} as {{"model": "NAME.onnx"}}'
+        )
+    return graphs[0]
+
+
+def replay_endpoint_for(publish: str) -> str | None:
+    """``tcp://HOST:PORT`` -> ``tcp://HOST:PORT+1``; None when the port is not a number."""
+    match = re.fullmatch(r"(tcp://.+):(\d+)", publish)
+    return f"{match.group(1)}:{int(match.group(2)) + 1}" if match else None
+
+
+EXIT_STATUSES = """exit statuses:
+  0  done                              6  model file missing or corrupt
+  3  recording cut short (after every  7  recording missing or unreadable
+     complete frame was processed)     8  calibration or config file invalid
+  4  no fastener found                11  pipeline failed (restart limit)
+  5  run.json or telemetry missing   130  interrupted (Ctrl-C)"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EXIT_STATUSES
+    parser.add_argument("recording", type=Path, help="the run's .mkv (sidecars beside it)")
+    parser.add_argument("--model", type=Path, help="default: engines/default.json or the .onnx")
+    parser.add_argument(
+        "--backend", choices=("onnxruntime", "torch", "tensorrt"), help="default: by suffix"
+    )
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: the backend's)")
+    parser.add_argument(
+        "--calibration",
+        type=Path,
+        default=Path("calibration"),
+        help="folder of VEHICLE/CAMERA.geometry.json and .thresholds.json (default calibration)",
+    )
+    parser.add_argument("--geometry", type=Path, help="default: CALIBRATION/VEHICLE/CAMERA...")
+    parser.add_argument("--thresholds", type=Path, help="default: CALIBRATION/VEHICLE/CAMERA...")
+    parser.add_argument("--publish", help="bind the alarm PUB here, e.g. tcp://*:5560")
+    parser.add_argument("--replay-endpoint", help="bind the replay ROUTER here (default PORT+1)")
+    parser.add_argument(
+        "--wait-for-subscriber",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before reading, wait up to this long for a first subscriber",
+    )
+    parser.add_argument(
+        "--sndhwm",
+        type=int,
+        default=1000,
+        help="alarms queued per subscriber before the PUB drops (they stay in the replay)",
+    )
+    parser.add_argument(
+        "--serve-after",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="after the run, keep heartbeats and the replay endpoint up this long",
+    )
+    parser.add_argument("--report", type=Path, help="write the report folder here")
+    parser.add_argument("--spool", type=Path, help="spool file (default: REPORT/ or temporary)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON only")
+    parser.add_argument("--realtime", action="store_true", help="pace to the recording")
+    parser.add_argument(
+        "--heatmap-vmax",
+        type=float,
+        default=1.0,
+        help="anomaly-map value drawn full red (1 for Diff-Fastener's probabilities)",
+    )
+    parser.add_argument("--max-batch", type=int, default=8, help="crops per inference")
+    parser.add_argument(
+        "--max-in-flight", type=int, default=64, help="crops between grabber and publisher"
+    )
+
+
+def build_settings(args: argparse.Namespace, spool: Path) -> PipelineSettings:
+    """The pipeline settings for a replay (module docstring), checking the files it names."""
+    recording: Path = args.recording
+    if not recording.is_file():
+        raise InputUnreadableError(f"{recording}: no such recording file")
+    run = load_run_info(recording)
+    model = args.model or default_model()
+    if not model.exists():
+        raise ModelInvalidError(f"{model}: no such model file")
+    backend = args.backend or BACKEND_BY_SUFFIX.get(model.suffix)
+    if backend is None:
+        raise ModelInvalidError(f"{model}: unknown model type; pass --backend")
+    geometry = args.geometry or args.calibration / run.vehicle_id / f"{run.camera_id}.geometry.json"
+    thresholds = args.thresholds or thresholds_path(args.calibration, run.vehicle_id, run.camera_id)
+    for path, what in ((geometry, "geometry"), (thresholds, "thresholds")):
+        if not path.is_file():
+            raise ConfigInvalidError(
+                f"{path}: no {what} file for vehicle {run.vehicle_id}, camera {run.camera_id} "
+                f"(from {recording.with_suffix('.json').name}); pass --calibration or --{what}"
+            )
+    publish = args.publish or LOCAL_ENDPOINT
+    replay = args.replay_endpoint or (replay_endpoint_for(args.publish) if args.publish else None)
+    return PipelineSettings(
+        mode="replay",
+        grabber=GrabberSettings(
+            source=str(recording),
+            geometry=geometry,
+            mode="replay",
+            pace="realtime" if args.realtime else "none",
+            max_in_flight=args.max_in_flight,
+            max_batch=args.max_batch,
+        ),
+        engine=EngineSettings(
+            model=model,
+            backend=backend,
+            device=args.device,
+            max_batch=args.max_batch,
+            thresholds=thresholds,
+            report_images=args.report is not None,
+            heatmap_vmax=args.heatmap_vmax,
+        ),
+        publisher=PublisherSettings(
+            vehicle_id=run.vehicle_id,
+            run_id=run.run_id,
+            thresholds=thresholds,
+            spool_path=spool,
+            publish_endpoint=publish,
+            replay_endpoint=replay,
+            startup_hold_s=0.0,
+            linger_ms=1000,
+            sndhwm=args.sndhwm,
+            wait_for_subscriber_s=args.wait_for_subscriber,
+            report_dir=args.report,
+        ),
+        log_level=os.environ.get("EDGE_LOG_LEVEL", "warning"),
+        serve_after_s=args.serve_after,
+    )
+
+
+def alarm_line(ack: dict, threshold: float) -> str:
+    """One alarm as a railway engineer reads it."""
+    mileage = ack.get("mileage")
+    if mileage:
+        km_post = int(mileage["mileage_m"] // 1000)
+        metres = round(mileage["mileage_m"] - 1000 * km_post, 3)  # as in the summary
+        place = f"km {km_post} + {metres:7.2f} m"
+    else:
+        place = f"{ack['along_track_m']:.2f} m along the run"
+    return (
+        f"ALARM #{ack['seq']:<4} {place}  {ack['rail']:>5} rail, {ack['side']:<5} side  "
+        f"score {ack['score']:.3f} (threshold {threshold:.3f})  crop {ack['id']}"
+    )
+
+
+def summarise(args, settings: PipelineSettings, outcome: RunOutcome, spool: Path) -> dict:
+    """The summary, its alarms and gaps read back from the spool."""
+    vehicle_id, run_id = settings.publisher.vehicle_id, settings.publisher.run_id
+    alarms = [alarm_row(body) for body, _ in read_spooled(spool, vehicle_id, run_id, ALARM_TOPIC)]
+    gaps = [gap_row(body) for body, _ in read_spooled(spool, vehicle_id, run_id, COVERAGE_TOPIC)]
+    seconds = outcome.seconds
+    return {
+        "recording": str(args.recording),
+        "run": {"vehicle_id": vehicle_id, "run_id": run_id},
+        "frames": outcome.frames,
+        "crops": outcome.crops,
+        "alarms": alarms,
+        "coverage_gaps": gaps,
+        "crops_per_second": outcome.crops / seconds if seconds > 0 else 0.0,
+        "engine_crops_per_second": (
+            outcome.engine_crops / outcome.engine_infer_s if outcome.engine_infer_s > 0 else 0.0
+        ),
+        "seconds": round(seconds, 3),
+        "backend": outcome.backend,
+        "model_id": outcome.model_id,
+        "threshold": outcome.threshold,
+        "truncated": outcome.truncated,
+        "restarts": outcome.restarts,
+        "publish": outcome.publish_address if args.publish else None,
+        "replay": outcome.replay_address if args.publish else None,
+        "spool": str(spool) if args.spool or args.report else None,
+        "report": str(args.report / "index.html") if args.report else None,
+    }
+
+
+def summary_text(summary: dict) -> str:
+    backend = summary["backend"]
+    lines = [
+        f"edge-replay {summary['recording']} ({summary['run']['vehicle_id']}, "
+        f"run {summary['run']['run_id']})",
+        f"  frames {summary['frames']}, crops {summary['crops']}, alarms "
+        f"{len(summary['alarms'])}, coverage gaps {len(summary['coverage_gaps'])}",
+        f"  {summary['crops_per_second']:.1f} crops/s over {summary['seconds']:.2f} s "
+        f"(engine alone {summary['engine_crops_per_second']:.1f} crops/s); "
+        f"{backend.get('backend')} on {backend.get('device')} {backend.get('precision')}, "
+        f"model {summary['model_id']}, threshold {summary['threshold']:.4g}",
+    ]
+    if summary["alarms"]:
+        lines.append("  alarms:")
+        for alarm in summary["alarms"]:
+            place = (
+                f"km {alarm['km_post']} + {alarm['metres']:7.2f} m"
+                if alarm["km_post"] is not None
+                else f"{alarm['along_track_m']:.2f} m"
+            )
+            lines.append(
+                f"    #{alarm['seq']:<4} {alarm['rail']:>5} rail  {alarm['side']:<5} side  "
+                f"{place}  score {alarm['image_score']:.3f}"
+            )
+    for gap in summary["coverage_gaps"]:
+        lines.append(
+            f"  coverage gap #{gap['seq']} ({gap['reason']}, {gap['crops_dropped']} crops): "
+            f"{gap['start']['along_track_m']:.2f} m to {gap['end']['along_track_m']:.2f} m"
+        )
+    if summary["report"]:
+        lines.append(f"  report: {summary['report']}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    configure("replay", os.environ.get("EDGE_LOG_LEVEL", "warning"))
+    temporary = None
+    if args.spool is not None:
+        spool = args.spool
+    elif args.report is not None:
+        spool = args.report / "spool.db"
+    else:
+        temporary = Path(tempfile.mkdtemp(prefix="edge-replay-"))
+        spool = temporary / "spool.db"
+    try:
+        if args.report is not None:
+            args.report.mkdir(parents=True, exist_ok=True)
+            if args.spool is None:  # a report is of one replay: no alarms of an earlier one
+                for old in ("spool.db", "spool.db-wal", "spool.db-shm"):
+                    (args.report / old).unlink(missing_ok=True)
+                shutil.rmtree(args.report / "alarms", ignore_errors=True)
+        spool.parent.mkdir(parents=True, exist_ok=True)
+        settings = build_settings(args, spool)
+        alarms_out = sys.stderr if args.json else sys.stdout
+        bar = tqdm(unit="frame", file=sys.stderr, disable=None, dynamic_ncols=True)
+        supervisor: Supervisor | None = None
+
+        def on_alarm(ack: dict) -> None:
+            tqdm.write(alarm_line(ack, supervisor.outcome.threshold), file=alarms_out)
+            alarms_out.flush()
+
+        def on_progress(frames: int, crops: int, alarms: int, total: int | None) -> None:
+            if total and bar.total != total:
+                bar.total = total
+            bar.update(frames - bar.n)
+            bar.set_postfix(crops=crops, alarms=alarms, refresh=False)
+
+        supervisor = Supervisor(
+            settings, on_alarm=on_alarm, on_progress=on_progress, keep_scores=True
+        )
+        try:
+            outcome = supervisor.run()
+        finally:
+            bar.close()
+        summary = summarise(args, settings, outcome, spool)
+        error = _outcome_error(args.recording, outcome)
+        summary["exit_status"] = int(error.exit_status) if error else 0
+        summary["error"] = str(error) if error else None
+        if outcome.stopped_by:
+            summary["exit_status"] = INTERRUPTED
+            summary["error"] = f"interrupted by {outcome.stopped_by}"
+        if args.report is not None:
+            write_report(
+                args.report,
+                summary,
+                _spooled_alarms(settings, spool),
+                outcome.scores,
+                outcome.threshold,
+            )
+        if args.json:
+            print(json.dumps(summary))
+        else:
+            print(summary_text(summary))
+        if outcome.stopped_by:
+            print(f"edge-replay: {summary['error']}", file=sys.stderr)
+            return INTERRUPTED
+        if error is not None:
+            raise error
+        return 0
+    finally:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _spooled_alarms(settings: PipelineSettings, spool: Path) -> list[tuple]:
+    publisher = settings.publisher
+    return read_spooled(spool, publisher.vehicle_id, publisher.run_id, ALARM_TOPIC)
+
+
+def _outcome_error(recording: Path, outcome: RunOutcome) -> EdgeError | None:
+    """What the run's end says about the recording (exit statuses 4 and 3)."""
+    if outcome.stopped_by:
+        return None
+    if outcome.crops == 0:
+        return NoFastenersError(
+            f"{recording}: no fastener found in {outcome.frames} frames (is the geometry file "
+            "right for this camera?)"
+        )
+    if outcome.truncated:
+        return RecordingTruncatedError(
+            f"{recording}: the recording is cut short; its {outcome.frames} complete frames "
+            "were processed"
+        )
+    return None
