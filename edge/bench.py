@@ -28,6 +28,8 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -223,6 +225,99 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def bench_recording(source: Path, laps: int, out: Path) -> Path:
+    """``source`` recording played ``laps`` times end to end, as one recording with telemetry.
+
+    Real frames, enough crops to time the pipeline past its start-up (the bundled sample holds
+    100 fasteners per lap).
+    """
+    from edge.grabber.record import write_recording
+    from edge.grabber.sources import RecordingSource
+    from edge.telemetry.run import RunInfo
+    from edge.telemetry.simulate import SimulatedTrack
+
+    with RecordingSource(source) as recording:
+        frames = [frame.image for frame in recording]
+    run = RunInfo.load(source.with_suffix(".json"))
+    run = run.model_copy(update={"run_id": "bench"})
+    track = SimulatedTrack(start_lat=52.0, start_lon=5.0, heading_deg=90.0, speed_kmh=60.0)
+    write_recording(out, [frame for _ in range(laps) for frame in frames], run, track)
+    return out
+
+
+def pipeline_vs_engine(config: ModelConfig, recording: Path, laps: int, batch: int) -> dict:
+    """Crops per second of the whole pipeline (``edge-replay``) and of the engine alone.
+
+    Both run the same exported model with ONNX Runtime's default threads; the engine alone
+    scores as many crops, in batches of ``batch``, in this process.
+    """
+    from edge.engine.backends import open_backend
+    from edge.engine.export import export_model
+    from edge.evaluate.calibrate import fit_threshold
+    from edge.grabber.geometry import TrackGeometry
+    from edge.model.checkpoint import save_checkpoint
+    from edge.telemetry.run import RunInfo
+
+    run = RunInfo.load(recording.with_suffix(".json"))
+    geometry = Path("calibration") / run.vehicle_id / f"{run.camera_id}.geometry.json"
+    TrackGeometry.load(geometry)
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        model = random_model(config)
+        model_id = save_checkpoint(folder / "bench.pt", model)
+        onnx_path = folder / "bench.onnx"
+        export_model(model, onnx_path, model_id=model_id)
+        # A threshold above every score: the bench times inspection, not alarm images.
+        thresholds = fit_threshold(np.zeros(100), 0.01, model_id, "bench")
+        thresholds = thresholds.model_copy(update={"threshold": 2.0})
+        thresholds.save(folder / "bench.thresholds.json")
+        replayed = bench_recording(recording, laps, folder / "bench" / "run.mkv")
+        command = [
+            sys.executable,
+            "-c",
+            "import sys; from edge.cli import replay_main; sys.exit(replay_main(sys.argv[1:]))",
+            str(replayed),
+            "--model",
+            str(onnx_path),
+            "--geometry",
+            str(geometry),
+            "--thresholds",
+            str(folder / "bench.thresholds.json"),
+            "--max-batch",
+            str(batch),
+            "--json",
+        ]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        with TreeMemory(process.pid) as memory:
+            stdout, _ = process.communicate(timeout=1800)
+        if process.returncode != 0:
+            raise RuntimeError(f"edge-replay failed with exit status {process.returncode}")
+        summary = json.loads(stdout)
+        crops = int(summary["crops"])
+        backend = open_backend("onnxruntime", onnx_path, max_batch=batch)
+        inputs = (
+            np.random.default_rng(1)
+            .uniform(0, 255, (crops, config.in_channels, config.image_size, config.image_size))
+            .astype(np.float32)
+        )
+        try:
+            backend.infer(inputs[:batch])
+            started = time.perf_counter()
+            backend.infer(inputs)
+            engine_s = time.perf_counter() - started
+        finally:
+            backend.close()
+    engine_rate = crops / engine_s
+    return {
+        "crops": crops,
+        "pipeline_crops_per_s": summary["crops_per_second"],
+        "engine_crops_per_s": engine_rate,
+        "engine_in_pipeline_crops_per_s": summary["engine_crops_per_second"],
+        "pipeline_vs_engine_ratio": summary["crops_per_second"] / engine_rate,
+        "peak_rss_mb": memory.peak_bytes / 2**20,
+    }
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--repeats", type=int, default=5)
@@ -235,6 +330,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="iterative sampling steps actually run (0: all T; else extrapolated to T)",
     )
     parser.add_argument("--skip-pipeline", action="store_true", help="leave out edge-replay")
+    parser.add_argument(
+        "--recording",
+        default="samples/track-demo/run.mkv",
+        help="recording the pipeline replays (played --laps times)",
+    )
+    parser.add_argument("--laps", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
 
 
@@ -271,6 +372,12 @@ def run_bench(args: argparse.Namespace) -> dict:
     figures["crops_per_s"] = 1.0 / engine_s
     figures["pipeline_vs_engine_ratio"] = None
     figures["peak_rss_mb"] = None
+    if not args.skip_pipeline:
+        log.info("bench_step", step="pipeline")
+        pipeline = pipeline_vs_engine(config, Path(args.recording), args.laps, args.batch)
+        figures["pipeline"] = pipeline
+        figures["pipeline_vs_engine_ratio"] = pipeline["pipeline_vs_engine_ratio"]
+        figures["peak_rss_mb"] = pipeline["peak_rss_mb"]
     figures["vehicle_needs"] = {
         f"{speed}_kmh": {
             "crops_per_s_needed": needed_crops_per_s(speed),
