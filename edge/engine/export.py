@@ -39,7 +39,6 @@ import json
 import os
 import sys
 import warnings
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -49,15 +48,10 @@ import torch
 from edge.engine.backends.base import OUTPUT_NAMES
 from edge.engine.metadata import (
     FORMAT,
-    INT8_CACHE_PATTERN,
-    THRESHOLDS_FOLDER,
-    THRESHOLDS_PATTERN,
     ExportMetadata,
-    FileLocation,
     TensorSpec,
     metadata_path,
-    sha256_file,
-    write_json_atomic,
+    write_metadata,
 )
 from edge.errors import EdgeError, ModelInvalidError
 from edge.logs import get_logger
@@ -236,30 +230,19 @@ def export_model(
 
     # 5. Graph, then metadata.
     os.replace(temporary, out)
-    metadata = ExportMetadata(
+    metadata = write_metadata(
+        out,
         model_id=model_id,
         preset=config.preset,
         model=config.model_dump(mode="json"),
-        image_size=size,
-        in_channels=channels,
+        input_spec=crops_spec,
+        output_specs=output_specs,
         opset=opset,
-        onnx_file=out.name,
-        onnx_sha256=sha256_file(out),
-        input=crops_spec,
-        outputs=output_specs,
-        thresholds=FileLocation(
-            folder=THRESHOLDS_FOLDER, pattern=THRESHOLDS_PATTERN, keyed_by="model_id"
-        ),
-        int8_calibration_cache=FileLocation(
-            folder=THRESHOLDS_FOLDER, pattern=INT8_CACHE_PATTERN, keyed_by="onnx_sha256"
-        ),
-        checkpoint=str(checkpoint),
-        checkpoint_step=checkpoint_step,
-        exported_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         exporter={"torch": torch.__version__, "onnx": onnx.__version__},
         export_check={f"{name}_max_abs": value for name, value in differences.items()},
+        checkpoint=str(checkpoint),
+        checkpoint_step=checkpoint_step,
     )
-    write_json_atomic(metadata_path(out), metadata.model_dump(mode="json"))
     log.info(
         "onnx_exported",
         path=str(out),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,52 @@ def write_json_atomic(path: str | Path, data: dict) -> None:
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     os.replace(temporary, path)
+
+
+def write_metadata(
+    onnx_path: str | Path,
+    *,
+    model_id: str,
+    preset: str,
+    model: dict[str, Any],
+    input_spec: TensorSpec,
+    output_specs: list[TensorSpec],
+    opset: int,
+    exporter: dict[str, str],
+    export_check: dict[str, float],
+    checkpoint: str = "",
+    checkpoint_step: int = 0,
+) -> ExportMetadata:
+    """Write ``NAME.onnx.json`` beside a graph already written; the one place it is made.
+
+    ``input_spec`` is ``(batch, C, S, S)``: image size and channels are read from it.
+    """
+    onnx_path = Path(onnx_path)
+    metadata = ExportMetadata(
+        model_id=model_id,
+        preset=preset,
+        model=model,
+        image_size=int(input_spec.shape[-1]),
+        in_channels=int(input_spec.shape[1]),
+        opset=opset,
+        onnx_file=onnx_path.name,
+        onnx_sha256=sha256_file(onnx_path),
+        input=input_spec,
+        outputs=output_specs,
+        thresholds=FileLocation(
+            folder=THRESHOLDS_FOLDER, pattern=THRESHOLDS_PATTERN, keyed_by="model_id"
+        ),
+        int8_calibration_cache=FileLocation(
+            folder=THRESHOLDS_FOLDER, pattern=INT8_CACHE_PATTERN, keyed_by="onnx_sha256"
+        ),
+        checkpoint=checkpoint,
+        checkpoint_step=checkpoint_step,
+        exported_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        exporter=exporter,
+        export_check=export_check,
+    )
+    write_json_atomic(metadata_path(onnx_path), metadata.model_dump(mode="json"))
+    return metadata
 
 
 def read_metadata(onnx_path: str | Path, verify_hash: bool = True) -> ExportMetadata:

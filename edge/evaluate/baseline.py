@@ -166,17 +166,7 @@ class ZScoreBaseline:
         from onnx import TensorProto, helper, numpy_helper
 
         from edge.engine.backends.base import OUTPUT_NAMES
-        from edge.engine.metadata import (
-            INT8_CACHE_PATTERN,
-            THRESHOLDS_FOLDER,
-            THRESHOLDS_PATTERN,
-            ExportMetadata,
-            FileLocation,
-            TensorSpec,
-            metadata_path,
-            sha256_file,
-            write_json_atomic,
-        )
+        from edge.engine.metadata import TensorSpec, write_metadata
 
         path = Path(path)
         model_id = model_id or self.model_id
@@ -249,7 +239,8 @@ class ZScoreBaseline:
         path.parent.mkdir(parents=True, exist_ok=True)
         onnx.save(model, str(path))
         tensor = ["batch", channels, height, width]
-        metadata = ExportMetadata(
+        write_metadata(
+            path,
             model_id=model_id,
             preset="zscore-baseline",
             model={
@@ -258,23 +249,12 @@ class ZScoreBaseline:
                 "std_floor": self.std_floor,
                 "num_train_crops": self.num_train_crops,
             },
-            image_size=height,
-            in_channels=channels,
-            opset=17,
-            onnx_file=path.name,
-            onnx_sha256=sha256_file(path),
-            input=TensorSpec(name="crops", dtype="float32", shape=tensor),
-            outputs=[
+            input_spec=TensorSpec(name="crops", dtype="float32", shape=tensor),
+            output_specs=[
                 TensorSpec(name=name, dtype="float32", shape=shapes[name]) for name in OUTPUT_NAMES
             ],
-            thresholds=FileLocation(
-                folder=THRESHOLDS_FOLDER, pattern=THRESHOLDS_PATTERN, keyed_by="model_id"
-            ),
-            int8_calibration_cache=FileLocation(
-                folder=THRESHOLDS_FOLDER, pattern=INT8_CACHE_PATTERN, keyed_by="onnx_sha256"
-            ),
+            opset=17,
             exporter={"onnx": onnx.__version__},
             export_check=differences,
         )
-        write_json_atomic(metadata_path(path), metadata.model_dump(mode="json"))
         return path

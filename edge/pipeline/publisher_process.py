@@ -45,6 +45,7 @@ from edge.publisher import (
     PublisherError,
     ScoredCrop,
 )
+from edge.publisher.publish import BUILT_IN_COUNTERS
 from edge.publisher.schema import ALARM_TOPIC, COVERAGE_TOPIC
 from edge.publisher.spool import Spool
 from edge.publisher.thresholds import load_thresholds
@@ -53,16 +54,6 @@ from edge.records import CropTag
 log = get_logger(__name__)
 
 _HWM = 10_000
-_RESERVED_COUNTERS = {
-    "alarms_spooled",
-    "alarms_sent",
-    "coverage_gaps",
-    "crops_dropped",
-    "unsent",
-    "replay_requests",
-    "replay_messages",
-    "subscriptions",
-}
 
 
 def spool_state(
@@ -290,7 +281,7 @@ def _serve(
                 counters = {
                     name: int(value)
                     for name, value in command["counters"].items()
-                    if name not in _RESERVED_COUNTERS
+                    if name not in BUILT_IN_COUNTERS
                 }
                 publisher.update_counters(**counters)
         while pull in events:

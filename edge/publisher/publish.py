@@ -72,7 +72,8 @@ from edge.records import CropTag
 log = get_logger(__name__)
 
 _IDENTIFIER = r"^[A-Za-z0-9][A-Za-z0-9._:+-]*$"
-_BUILT_IN_COUNTERS = (
+BUILT_IN_COUNTERS = (
+    # counters the publisher keeps itself; a pipeline's own counters must use other names
     "alarms_spooled",
     "alarms_sent",
     "coverage_gaps",
@@ -155,7 +156,7 @@ class Publisher:
         self._closed = False
         self._failure: BaseException | None = None
         self._started = time.monotonic()
-        self._counters = dict.fromkeys(_BUILT_IN_COUNTERS, 0)
+        self._counters = dict.fromkeys(BUILT_IN_COUNTERS, 0)
         self._heartbeat_now = False
         self._spool = Spool(config.spool_path, synchronous=config.spool_synchronous)
         # The sender's own connection: sent marks are advisory, so NORMAL (see spool.py, 3).
@@ -257,7 +258,7 @@ class Publisher:
     def update_counters(self, **values: int) -> None:
         """Set pipeline counters carried in every heartbeat (e.g. ``crops_inspected=1200``)."""
         for name, value in values.items():
-            if name in _BUILT_IN_COUNTERS:
+            if name in BUILT_IN_COUNTERS:
                 raise ValueError(f"counter {name!r} is kept by the publisher itself")
             if not (isinstance(value, int) and value >= 0):
                 raise ValueError(f"counter {name}={value!r}: counters are integers >= 0")
