@@ -2,8 +2,9 @@
 
 Diff-Fastener trains on normal fasteners only; half of every batch is made anomalous on the fly
 (paper section 3.5, after DRAEM and DiffusionAD). A region is drawn from thresholded Perlin
-noise, optionally restricted to a foreground mask (the fastener, not the ballast), and filled
-with a texture blended over the crop with a random opacity. Textures come from the crop itself
+noise (or, as in CutPaste, a rotated rectangle), optionally restricted to a foreground mask (the
+fastener, not the ballast), and filled with a texture blended over the crop with a random
+opacity. Textures come from the crop itself
 or from noise, never from an external data set:
 
 - ``self``: an augmented copy of the crop, its blocks shuffled (DiffusionAD's self-augmentation);
@@ -25,6 +26,7 @@ import numpy as np
 from edge.config import StrictModel
 
 TEXTURES = ("self", "noise", "shifted")
+REGIONS = ("perlin", "rectangle")
 
 
 class SynthesisConfig(StrictModel):
@@ -44,6 +46,14 @@ class SynthesisConfig(StrictModel):
     """For ``shifted``: offsets along the crop's axes (across or along the track) only."""
     block_grid: int = 8
     """For ``self``: the crop is cut into ``block_grid x block_grid`` blocks and shuffled."""
+    region_weights: dict[str, float] = {"perlin": 1.0, "rectangle": 0.0}
+    """Relative probability of each region shape: thresholded Perlin noise (DiffusionAD), or a
+    rectangle rotated by up to ``rectangle_max_angle`` (CutPaste, Li et al. 2021): with the
+    ``shifted`` texture, a patch of the crop pasted where it does not belong."""
+    rectangle_sides: tuple[float, float] = (0.15, 0.5)
+    """For ``rectangle``: each side a fraction of the crop side, drawn in ``[lo, hi)``."""
+    rectangle_max_angle: float = 15.0
+    """For ``rectangle``: rotation in degrees, drawn in ``[-max, max)``."""
     min_area_fraction: float = 0.0
     """Redraw a region smaller than this fraction of the crop (0 keeps any non-empty one)."""
     max_tries: int = 8
@@ -102,6 +112,29 @@ def perlin_mask(
     noise = perlin_noise((side, side), cells, rng)
     noise = _rotate(noise, float(rng.uniform(-90.0, 90.0)))[: shape[0], : shape[1]]
     return (noise > config.threshold).astype(np.float32)
+
+
+def rectangle_mask(
+    shape: tuple[int, int],
+    config: SynthesisConfig,
+    rng: np.random.Generator,
+    foreground: np.ndarray | None = None,
+) -> np.ndarray:
+    """A binary anomaly region: a rotated rectangle, centred on a random pixel of
+    ``foreground`` (anywhere when None). Returns float32 ``(height, width)`` of 0 and 1."""
+    height, width = shape
+    if foreground is not None and foreground.any():
+        ys, xs = np.nonzero(foreground)
+        pick = int(rng.integers(len(ys)))
+        centre = (float(xs[pick]), float(ys[pick]))
+    else:
+        centre = (float(rng.uniform(0, width)), float(rng.uniform(0, height)))
+    sides = rng.uniform(*config.rectangle_sides, size=2) * min(height, width)
+    angle = float(rng.uniform(-config.rectangle_max_angle, config.rectangle_max_angle))
+    corners = cv2.boxPoints((centre, (float(sides[0]), float(sides[1])), angle))
+    mask = np.zeros(shape, np.uint8)
+    cv2.fillConvexPoly(mask, np.round(corners).astype(np.int32), 1)
+    return mask.astype(np.float32)
 
 
 def _as_3d(image: np.ndarray) -> np.ndarray:
@@ -185,7 +218,7 @@ def synthesize(
     rng: np.random.Generator,
     foreground: np.ndarray | None = None,
 ) -> Synthetic:
-    """Make ``image`` anomalous inside a Perlin region.
+    """Make ``image`` anomalous inside a Perlin or rectangular region.
 
     ``out = image * (1 - m) + (1 - beta) * texture * m + beta * image * m``, with ``m`` the
     region (restricted to ``foreground`` when given) and ``beta`` the opacity.
@@ -194,7 +227,8 @@ def synthesize(
         image: float32 ``(H, W)`` or ``(H, W, C)`` in ``[0, 1]``.
         config: synthesis settings.
         rng: the random source (seeded by the caller for reproducibility).
-        foreground: optional float32 ``(H, W)`` in ``{0, 1}``: where anomalies may appear.
+        foreground: optional float32 ``(H, W)`` in ``{0, 1}``: where Perlin regions may
+            appear and rectangles may be centred.
     Returns:
         a :class:`Synthetic` whose ``image`` has the shape of ``image`` and whose ``mask`` is
         ``(H, W)``. The mask is all zero only if no region could be drawn in ``max_tries``.
@@ -203,15 +237,17 @@ def synthesize(
     base = _as_3d(image.astype(np.float32))
     height, width = base.shape[:2]
     mask = np.zeros((height, width), np.float32)
+    region = _choose(REGIONS, config.region_weights, rng)
     for _ in range(config.max_tries):
-        mask = perlin_mask((height, width), config, rng)
-        if foreground is not None:
-            mask = mask * foreground
+        if region == "rectangle":  # centred in the foreground, kept whole
+            mask = rectangle_mask((height, width), config, rng, foreground)
+        else:
+            mask = perlin_mask((height, width), config, rng)
+            if foreground is not None:
+                mask = mask * foreground
         if mask.sum() > max(config.min_area_fraction * height * width, 0.0):
             break
-    names = [name for name in TEXTURES if config.texture_weights.get(name, 0.0) > 0]
-    weights = np.array([config.texture_weights[name] for name in names], dtype=np.float64)
-    texture_name = str(rng.choice(names, p=weights / weights.sum()))
+    texture_name = _choose(TEXTURES, config.texture_weights, rng)
     if texture_name == "self":
         texture = self_texture(base, config.block_grid, rng)
     elif texture_name == "noise":
@@ -223,6 +259,15 @@ def synthesize(
     out = base * (1.0 - m) + (1.0 - beta) * texture * m + beta * base * m
     out = out[..., 0] if squeeze else out
     return Synthetic(out.astype(np.float32), mask, texture_name, beta)
+
+
+def _choose(names: tuple[str, ...], weights: dict[str, float], rng: np.random.Generator) -> str:
+    """One of ``names``, drawn with the relative ``weights`` (missing names weigh 0)."""
+    kept = [name for name in names if weights.get(name, 0.0) > 0]
+    if not kept:
+        raise ValueError(f"no positive weight among {names}: {weights}")
+    p = np.array([weights[name] for name in kept], dtype=np.float64)
+    return str(rng.choice(kept, p=p / p.sum()))
 
 
 def centre_foreground(shape: tuple[int, int], fraction: float = 0.7) -> np.ndarray:

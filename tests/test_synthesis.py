@@ -8,6 +8,7 @@ from edge.synthesis import (
     centre_foreground,
     perlin_mask,
     perlin_noise,
+    rectangle_mask,
     self_texture,
     shifted_texture,
     synthesize,
@@ -93,3 +94,39 @@ def test_synthesis_is_reproducible_from_the_seed():
     second = synthesize(image, SynthesisConfig(), np.random.default_rng(7))
     np.testing.assert_array_equal(first.image, second.image)
     np.testing.assert_array_equal(first.mask, second.mask)
+
+
+def test_rectangle_mask_has_the_drawn_area_and_is_centred_in_the_foreground():
+    rng = np.random.default_rng(8)
+    config = SynthesisConfig(rectangle_sides=(0.25, 0.2501), rectangle_max_angle=0.0)
+    foreground = np.zeros((64, 64), np.float32)
+    foreground[30:34, 40:44] = 1.0
+    for _ in range(10):
+        mask = rectangle_mask((64, 64), config, rng, foreground)
+        ys, xs = np.nonzero(mask)
+        # Sides of 0.25 * 64 = 16 px: filled with its border pixels, 17 x 17.
+        assert mask.sum() == pytest.approx(17 * 17, abs=17)
+        assert 30 <= ys.mean() <= 34 and 40 <= xs.mean() <= 44
+
+
+def test_rectangles_are_kept_whole_where_perlin_regions_are_cut_to_the_foreground():
+    rng = np.random.default_rng(9)
+    foreground = centre_foreground((64, 64), 0.3)
+    rectangles = SynthesisConfig(region_weights={"rectangle": 1.0}, rectangle_sides=(0.5, 0.51))
+    outside = [
+        (synthesize(rng.random((64, 64)).astype(np.float32), rectangles, rng, foreground).mask)
+        * (1 - foreground)
+        for _ in range(5)
+    ]
+    # A 32 px square centred inside a 19 px ellipse always reaches past it.
+    assert all(region.sum() > 100 for region in outside)
+
+
+def test_region_shapes_follow_their_weights():
+    rng = np.random.default_rng(10)
+    config = SynthesisConfig(region_weights={"perlin": 0.0, "rectangle": 1.0}, threshold=0.9)
+    image = rng.random((48, 48)).astype(np.float32)
+    # A Perlin region over 0.9 is nearly always empty; rectangles never are.
+    assert all(synthesize(image, config, rng).mask.sum() > 0 for _ in range(20))
+    with pytest.raises(ValueError, match="no positive weight"):
+        synthesize(image, SynthesisConfig(region_weights={"perlin": 0.0}), rng)
