@@ -20,7 +20,9 @@ The replay is lossless (the grabber waits for the engine), as fast as the engine
 paced to the recording with ``--realtime``. Each alarm is printed as it is spooled (stdout;
 stderr with ``--json``), then a summary read back from the spool; ``--json`` prints the
 summary as one JSON object on stdout. Logs are JSON lines on stderr (level
-``$EDGE_LOG_LEVEL``, default warning here so the progress bar stays readable).
+``$EDGE_LOG_LEVEL``, default warning here so the progress bar stays readable). With
+``--truth FILE`` the alarms are also scored against the run's known fasteners
+(:mod:`edge.pipeline.truth`): defects found and missed, false alarms per 100 normal fasteners.
 
 Exit statuses (edge/errors.py): 0 done; 3 the recording is cut short (after every complete
 frame was processed and summarised); 4 no fastener found; 5 run.json or telemetry missing;
@@ -57,6 +59,7 @@ from edge.pipeline.settings import (
     PublisherSettings,
 )
 from edge.pipeline.supervisor import RunOutcome, Supervisor
+from edge.pipeline.truth import load_truth, score_against_truth, truth_text
 from edge.publisher.schema import ALARM_TOPIC, COVERAGE_TOPIC
 from edge.publisher.thresholds import thresholds_path
 from edge.telemetry.position import load_run_info
@@ -144,6 +147,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="after the run, keep heartbeats and the replay endpoint up this long",
     )
     parser.add_argument("--report", type=Path, help="write the report folder here")
+    parser.add_argument(
+        "--truth",
+        type=Path,
+        help="the run's known fasteners (truth.json): count defects found, missed, false alarms",
+    )
     parser.add_argument("--spool", type=Path, help="spool file (default: REPORT/ or temporary)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON only")
     parser.add_argument("--realtime", action="store_true", help="pace to the recording")
@@ -292,6 +300,8 @@ def summary_text(summary: dict) -> str:
             f"  coverage gap #{gap['seq']} ({gap['reason']}, {gap['crops_dropped']} crops): "
             f"{gap['start']['along_track_m']:.2f} m to {gap['end']['along_track_m']:.2f} m"
         )
+    if summary.get("truth"):
+        lines.append(truth_text(summary["truth"]))
     if summary["report"]:
         lines.append(f"  report: {summary['report']}")
     return "\n".join(lines)
@@ -318,6 +328,7 @@ def run(args: argparse.Namespace) -> int:
                 shutil.rmtree(args.report / "alarms", ignore_errors=True)
         spool.parent.mkdir(parents=True, exist_ok=True)
         settings = build_settings(args, spool)
+        truth = load_truth(args.truth) if args.truth is not None else None
         alarms_out = sys.stderr if args.json else sys.stdout
         bar = tqdm(unit="frame", file=sys.stderr, disable=None, dynamic_ncols=True)
         supervisor: Supervisor | None = None
@@ -340,6 +351,8 @@ def run(args: argparse.Namespace) -> int:
         finally:
             bar.close()
         summary = summarise(args, settings, outcome, spool)
+        if args.truth is not None:
+            summary["truth"] = score_against_truth(summary["alarms"], truth)
         error = _outcome_error(args.recording, outcome)
         summary["exit_status"] = int(error.exit_status) if error else 0
         summary["error"] = str(error) if error else None

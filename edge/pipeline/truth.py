@@ -1,0 +1,105 @@
+"""A replay scored against the known defects of its run (``edge-replay --truth FILE``).
+
+A test run over track with planted defects, or a recording with edited fasteners such as the
+bundled sample, comes with a truth file listing every fastener::
+
+    {"fasteners": [{"rail": "left", "side": "field", "state": "missing",
+                    "mileage_m": 27411.476, "along_track_m": 1.476}, ...]}
+
+``state`` is ``normal`` or a defect kind. An alarm finds a defect when it is on the same rail
+and side and within ``tolerance_m`` of it along the line (by mileage when both have one, else
+by along-track distance); each alarm finds at most one defect and the nearest pairs are taken
+first. Alarms that find no defect are false alarms, counted against the normal fasteners.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from edge.errors import ConfigInvalidError
+
+DEFAULT_TOLERANCE_M = 1.0
+
+
+def load_truth(path: Path) -> list[dict]:
+    """The fasteners of a truth file; raises :class:`ConfigInvalidError` naming the file."""
+    try:
+        fasteners = json.loads(path.read_text(encoding="utf-8"))["fasteners"]
+        for fastener in fasteners:
+            for key in ("rail", "side", "state"):
+                if not isinstance(fastener[key], str):
+                    raise TypeError(f"{key} is not a string")
+            if "mileage_m" not in fastener and "along_track_m" not in fastener:
+                raise KeyError("mileage_m or along_track_m")
+    except OSError as error:
+        raise ConfigInvalidError(f"{path}: cannot read the truth file ({error})") from error
+    except (ValueError, KeyError, TypeError) as error:
+        raise ConfigInvalidError(
+            f"{path}: not a truth file (need fasteners with rail, side, state and mileage_m "
+            f"or along_track_m; {error!r})"
+        ) from error
+    return fasteners
+
+
+def _distance_m(alarm: dict, fastener: dict) -> float | None:
+    if alarm.get("mileage_m") is not None and fastener.get("mileage_m") is not None:
+        return abs(alarm["mileage_m"] - fastener["mileage_m"])
+    if fastener.get("along_track_m") is not None:
+        return abs(alarm["along_track_m"] - fastener["along_track_m"])
+    return None
+
+
+def score_against_truth(
+    alarms: list[dict], fasteners: list[dict], tolerance_m: float = DEFAULT_TOLERANCE_M
+) -> dict:
+    """Match alarm rows (:func:`edge.pipeline.report.alarm_row`) to the truth's defects.
+
+    Returns:
+        ``defects``, ``found``, ``missed`` (the defects no alarm found), ``false_alarms`` (their
+        ``seq``), ``normal_fasteners``, ``false_alarms_per_100_normal`` and ``tolerance_m``.
+    """
+    defects = [fastener for fastener in fasteners if fastener["state"] != "normal"]
+    pairs = []
+    for d, defect in enumerate(defects):
+        for a, alarm in enumerate(alarms):
+            if (alarm["rail"], alarm["side"]) != (defect["rail"], defect["side"]):
+                continue
+            distance = _distance_m(alarm, defect)
+            if distance is not None and distance <= tolerance_m:
+                pairs.append((distance, d, a))
+    found_by: dict[int, int] = {}
+    used: set[int] = set()
+    for _, d, a in sorted(pairs):
+        if d not in found_by and a not in used:
+            found_by[d] = a
+            used.add(a)
+    normal = len(fasteners) - len(defects)
+    false_alarms = [alarm["seq"] for a, alarm in enumerate(alarms) if a not in used]
+    return {
+        "defects": len(defects),
+        "found": len(found_by),
+        "missed": [defects[d] for d in range(len(defects)) if d not in found_by],
+        "false_alarms": false_alarms,
+        "normal_fasteners": normal,
+        "false_alarms_per_100_normal": 100.0 * len(false_alarms) / normal if normal else None,
+        "tolerance_m": tolerance_m,
+    }
+
+
+def truth_text(result: dict) -> str:
+    """The score as lines a railway engineer reads at the end of a replay."""
+    rate = result["false_alarms_per_100_normal"]
+    lines = [
+        f"  against the truth: {result['found']} of {result['defects']} defects found "
+        f"(same rail and side, within {result['tolerance_m']:g} m), "
+        f"{len(result['false_alarms'])} false alarms on {result['normal_fasteners']} normal "
+        f"fasteners" + (f" ({rate:.1f} per 100)" if rate is not None else "")
+    ]
+    for defect in result["missed"]:
+        place = defect.get("mileage_m", defect.get("along_track_m"))
+        lines.append(
+            f"    missed: {defect['state']} {defect['rail']} rail {defect['side']} side "
+            f"at {place} m"
+        )
+    return "\n".join(lines)
