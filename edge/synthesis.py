@@ -54,6 +54,10 @@ class SynthesisConfig(StrictModel):
     """For ``rectangle``: each side a fraction of the crop side, drawn in ``[lo, hi)``."""
     rectangle_max_angle: float = 15.0
     """For ``rectangle``: rotation in degrees, drawn in ``[-max, max)``."""
+    feather_px: tuple[float, float] = (0.0, 0.0)
+    """Blur of the blend's edge (Gaussian sigma in pixels, drawn in ``[lo, hi]``); the target
+    mask stays binary. DiffusionAD blends with a hard edge, a seam no real defect has, which a
+    segmentation head can learn to find instead of the anomaly itself."""
     min_area_fraction: float = 0.0
     """Redraw a region smaller than this fraction of the crop (0 keeps any non-empty one)."""
     max_tries: int = 8
@@ -221,7 +225,8 @@ def synthesize(
     """Make ``image`` anomalous inside a Perlin or rectangular region.
 
     ``out = image * (1 - m) + (1 - beta) * texture * m + beta * image * m``, with ``m`` the
-    region (restricted to ``foreground`` when given) and ``beta`` the opacity.
+    region (restricted to ``foreground`` when given, its edge feathered when configured) and
+    ``beta`` the opacity.
 
     Args:
         image: float32 ``(H, W)`` or ``(H, W, C)`` in ``[0, 1]``.
@@ -255,10 +260,18 @@ def synthesize(
     else:
         texture = shifted_texture(base, config.shift_fraction, rng, config.shift_near_axes)
     beta = float(rng.uniform(*config.opacity))
-    m = mask[..., None]
+    m = feathered(mask, float(rng.uniform(*config.feather_px)))[..., None]
     out = base * (1.0 - m) + (1.0 - beta) * texture * m + beta * base * m
     out = out[..., 0] if squeeze else out
     return Synthetic(out.astype(np.float32), mask, texture_name, beta)
+
+
+def feathered(mask: np.ndarray, sigma: float) -> np.ndarray:
+    """``mask`` ``(H, W)`` with its edge blurred by ``sigma`` px; at least 0.5 inside it."""
+    if sigma <= 0:
+        return mask
+    soft = cv2.GaussianBlur(mask, (0, 0), sigma)
+    return np.where(mask > 0, np.maximum(soft, 0.5), soft).astype(np.float32)
 
 
 def _choose(names: tuple[str, ...], weights: dict[str, float], rng: np.random.Generator) -> str:

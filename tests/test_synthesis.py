@@ -6,6 +6,7 @@ import pytest
 from edge.synthesis import (
     SynthesisConfig,
     centre_foreground,
+    feathered,
     perlin_mask,
     perlin_noise,
     rectangle_mask,
@@ -130,3 +131,21 @@ def test_region_shapes_follow_their_weights():
     assert all(synthesize(image, config, rng).mask.sum() > 0 for _ in range(20))
     with pytest.raises(ValueError, match="no positive weight"):
         synthesize(image, SynthesisConfig(region_weights={"perlin": 0.0}), rng)
+
+
+def test_a_feathered_blend_reaches_past_the_region_but_the_mask_stays_binary():
+    rng = np.random.default_rng(11)
+    image = np.zeros((48, 48), np.float32)
+    config = SynthesisConfig(
+        region_weights={"rectangle": 1.0},
+        texture_weights={"noise": 1.0},
+        opacity=(0.0, 0.0001),
+        feather_px=(2.0, 2.0),
+    )
+    result = synthesize(image, config, rng)
+    assert set(np.unique(result.mask)) == {0.0, 1.0}
+    ring = (feathered(result.mask, 1.0) > 0.01) & (result.mask == 0)
+    # Just outside the region the texture shows through the feathered edge ...
+    assert result.image[ring].max() > 0.01
+    # ... and inside it weighs at least half: out >= 0.5 * texture (image is zero).
+    assert feathered(result.mask, 2.0)[result.mask > 0].min() >= 0.5
