@@ -40,7 +40,7 @@ from edge.config import StrictModel
 from edge.evaluate.datasets import load_normal_images, load_test_set
 from edge.evaluate.defects import DEFECT_KINDS, ClipBox, make_defect
 from edge.logs import configure, get_logger
-from edge.model.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, weights_id
+from edge.model.checkpoint import load_checkpoint, model_id, read_checkpoint, save_checkpoint
 from edge.model.config import PRESETS, ModelConfig, preset
 from edge.model.detector import DiffFastener
 from edge.synthesis import SynthesisConfig, centre_foreground, synthesize
@@ -321,11 +321,11 @@ def _update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 def _check_replicas(model: DiffFastener, rank: int, world: int) -> None:
-    """Log each rank's weights hash and fail loudly if the replicas drifted apart."""
-    model_id = weights_id(model.state_dict())
+    """Log each rank's model id and fail loudly if the replicas drifted apart."""
+    identity = model_id(model.state_dict(), model.config)
     gathered: list[str | None] = [None] * world
-    torch.distributed.all_gather_object(gathered, model_id)
-    log.info("replica_weights", rank=rank, model_id=model_id, identical=len(set(gathered)) == 1)
+    torch.distributed.all_gather_object(gathered, identity)
+    log.info("replica_weights", rank=rank, model_id=identity, identical=len(set(gathered)) == 1)
     if len(set(gathered)) != 1:
         raise RuntimeError(f"DDP replicas differ after training: {gathered}")
 

@@ -10,8 +10,16 @@ import pytest
 import torch
 from fastener_images import write_normal_folder
 
+from edge.errors import ModelInvalidError
 from edge.model import preset
-from edge.model.checkpoint import load_checkpoint, read_checkpoint, weights_id
+from edge.model.checkpoint import (
+    load_checkpoint,
+    model_id,
+    read_checkpoint,
+    save_checkpoint,
+    weights_id,
+)
+from edge.model.detector import DiffFastener
 from edge.train import TrainConfig, learning_rate_factor, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,15 +69,31 @@ def test_resumed_run_ends_with_the_weights_of_an_unbroken_one(normal_folder, tmp
     assert unbroken.name == resumed.name == "best.pt"
     if options:
         # The shipped weights are the average, the resumable ones the raw weights.
-        assert weights_id(first["raw_model"]) != first["model_id"]
+        assert weights_id(first["raw_model"]) != weights_id(first["model"])
         assert weights_id(first["raw_model"]) == weights_id(second["raw_model"])
+
+
+def test_the_model_id_changes_with_the_inference_settings_not_only_the_weights(tmp_path):
+    model = DiffFastener(preset("tiny"))
+    other = DiffFastener(preset("tiny", diffusion={"t_small": 150}))
+    other.load_state_dict(model.state_dict())
+    first = save_checkpoint(tmp_path / "a.pt", model)
+    second = save_checkpoint(tmp_path / "b.pt", other)
+    assert first != second
+    assert weights_id(model.state_dict()) == weights_id(other.state_dict())
+    # A config edited inside the file no longer matches its recorded id.
+    payload = torch.load(tmp_path / "b.pt", weights_only=True)
+    payload["config"] = payload["config"].replace('"t_small": 150', '"t_small": 200')
+    torch.save(payload, tmp_path / "edited.pt")
+    with pytest.raises(ModelInvalidError, match="not to the recorded model id"):
+        load_checkpoint(tmp_path / "edited.pt")
 
 
 def test_checkpoint_loads_with_weights_only_and_records_the_run(normal_folder, tmp_path):
     train(tiny_config(normal_folder, tmp_path, 3))
     payload = torch.load(tmp_path / "last.pt", weights_only=True)
     model, _ = load_checkpoint(tmp_path / "last.pt")
-    assert payload["model_id"] == weights_id(model.state_dict())
+    assert payload["model_id"] == model_id(model.state_dict(), model.config)
     assert payload["extra"]["train"]["steps"] == 3
     assert "optimizer" in payload
     assert "optimizer" not in torch.load(tmp_path / "best.pt", weights_only=True)

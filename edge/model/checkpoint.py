@@ -1,9 +1,11 @@
 """Checkpoints: the model's config and weights in one file that loads with ``weights_only=True``.
 
 A checkpoint is a plain dict of tensors, strings and numbers (never pickled objects), so
-loading one cannot run code. ``model_id`` is a short hash of the weights: it names the model in
-every alarm, export and threshold file, so an alarm can always be traced to the weights that
-raised it.
+loading one cannot run code. ``model_id`` is a short hash of the weights and the config: it
+names the model in every alarm, export and threshold file, so an alarm can always be traced to
+the model that raised it. The config is part of it because inference settings (the timesteps,
+the guidance weight, top-k) change the scores without changing a weight, and a threshold fitted
+on one setting means nothing on another.
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ def weights_id(state_dict: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:12]
 
 
+def model_id(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> str:
+    """First 12 hex digits of the SHA-256 of the weights' id and the config's JSON."""
+    digest = hashlib.sha256(weights_id(state_dict).encode())
+    digest.update(config.to_json().encode())
+    return digest.hexdigest()[:12]
+
+
 def save_checkpoint(
     path: str | Path,
     model: DiffFastener,
@@ -50,11 +59,11 @@ def save_checkpoint(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
-    model_id = weights_id(state)
+    identity = model_id(state, model.config)
     payload = {
         "format": FORMAT,
         "config": model.config.to_json(),
-        "model_id": model_id,
+        "model_id": identity,
         "step": int(step),
         "model": state,
         "extra": extra or {},
@@ -66,7 +75,7 @@ def save_checkpoint(
     temporary = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, temporary)
     os.replace(temporary, path)
-    return model_id
+    return identity
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -102,10 +111,10 @@ def load_checkpoint(path: str | Path) -> tuple[DiffFastener, dict]:
         raise ModelInvalidError(
             f"{path}: weights do not fit the stored config ({error})"
         ) from error
-    actual = weights_id(payload["model"])
+    actual = model_id(payload["model"], config)
     if actual != payload.get("model_id"):
         raise ModelInvalidError(
-            f"{path}: weights hash {actual} differs from the recorded model id "
+            f"{path}: weights and config hash to {actual}, not to the recorded model id "
             f"{payload.get('model_id')} (file damaged or edited)"
         )
     return model.eval(), payload
