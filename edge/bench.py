@@ -245,11 +245,14 @@ def bench_recording(source: Path, laps: int, out: Path) -> Path:
     return out
 
 
-def pipeline_vs_engine(config: ModelConfig, recording: Path, laps: int, batch: int) -> dict:
+def pipeline_vs_engine(
+    config: ModelConfig, recording: Path, laps: int, batch: int, repeats: int = 3
+) -> dict:
     """Crops per second of the whole pipeline (``edge-replay``) and of the engine alone.
 
     Both run the same exported model with ONNX Runtime's default threads; the engine alone
-    scores as many crops, in batches of ``batch``, in this process.
+    scores as many crops, in batches of ``batch``, in this process. The two alternate
+    ``repeats`` times and the medians are compared.
     """
     from edge.engine.backends import open_backend
     from edge.engine.export import export_model
@@ -261,6 +264,7 @@ def pipeline_vs_engine(config: ModelConfig, recording: Path, laps: int, batch: i
     run = RunInfo.load(recording.with_suffix(".json"))
     geometry = Path("calibration") / run.vehicle_id / f"{run.camera_id}.geometry.json"
     TrackGeometry.load(geometry)
+    pipeline_rates, engine_in_pipeline_rates, engine_rates, peak_bytes = [], [], [], 0
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         model = random_model(config)
@@ -287,34 +291,42 @@ def pipeline_vs_engine(config: ModelConfig, recording: Path, laps: int, batch: i
             str(batch),
             "--json",
         ]
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        with TreeMemory(process.pid) as memory:
-            stdout, _ = process.communicate(timeout=1800)
-        if process.returncode != 0:
-            raise RuntimeError(f"edge-replay failed with exit status {process.returncode}")
-        summary = json.loads(stdout)
-        crops = int(summary["crops"])
         backend = open_backend("onnxruntime", onnx_path, max_batch=batch)
-        inputs = (
-            np.random.default_rng(1)
-            .uniform(0, 255, (crops, config.in_channels, config.image_size, config.image_size))
-            .astype(np.float32)
-        )
         try:
-            backend.infer(inputs[:batch])
-            started = time.perf_counter()
-            backend.infer(inputs)
-            engine_s = time.perf_counter() - started
+            for _ in range(repeats):
+                process = subprocess.Popen(
+                    command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+                )
+                with TreeMemory(process.pid) as memory:
+                    stdout, _ = process.communicate(timeout=1800)
+                if process.returncode != 0:
+                    raise RuntimeError(f"edge-replay failed with exit status {process.returncode}")
+                summary = json.loads(stdout)
+                peak_bytes = max(peak_bytes, memory.peak_bytes)
+                pipeline_rates.append(summary["crops_per_second"])
+                engine_in_pipeline_rates.append(summary["engine_crops_per_second"])
+                crops = int(summary["crops"])
+                inputs = (
+                    np.random.default_rng(1)
+                    .uniform(0, 255, (crops, config.in_channels, *(config.image_size,) * 2))
+                    .astype(np.float32)
+                )
+                backend.infer(inputs[:batch])
+                started = time.perf_counter()
+                backend.infer(inputs)
+                engine_rates.append(crops / (time.perf_counter() - started))
         finally:
             backend.close()
-    engine_rate = crops / engine_s
+    pipeline_rate = statistics.median(pipeline_rates)
+    engine_rate = statistics.median(engine_rates)
     return {
         "crops": crops,
-        "pipeline_crops_per_s": summary["crops_per_second"],
+        "repeats": repeats,
+        "pipeline_crops_per_s": pipeline_rate,
         "engine_crops_per_s": engine_rate,
-        "engine_in_pipeline_crops_per_s": summary["engine_crops_per_second"],
-        "pipeline_vs_engine_ratio": summary["crops_per_second"] / engine_rate,
-        "peak_rss_mb": memory.peak_bytes / 2**20,
+        "engine_in_pipeline_crops_per_s": statistics.median(engine_in_pipeline_rates),
+        "pipeline_vs_engine_ratio": pipeline_rate / engine_rate,
+        "peak_rss_mb": peak_bytes / 2**20,
     }
 
 
@@ -374,7 +386,9 @@ def run_bench(args: argparse.Namespace) -> dict:
     figures["peak_rss_mb"] = None
     if not args.skip_pipeline:
         log.info("bench_step", step="pipeline")
-        pipeline = pipeline_vs_engine(config, Path(args.recording), args.laps, args.batch)
+        pipeline = pipeline_vs_engine(
+            config, Path(args.recording), args.laps, args.batch, args.repeats
+        )
         figures["pipeline"] = pipeline
         figures["pipeline_vs_engine_ratio"] = pipeline["pipeline_vs_engine_ratio"]
         figures["peak_rss_mb"] = pipeline["peak_rss_mb"]

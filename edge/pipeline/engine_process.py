@@ -120,6 +120,8 @@ def run(settings: EngineSettings, link: ControlLink, context: zmq.Context, folde
     """The engine's life (steps in the module docstring)."""
     # 1. The backend.
     options = {"threads": settings.threads} if settings.threads else {}
+    if settings.backend == "onnxruntime":
+        options["spin_wait"] = False  # the cores are shared with the grabber and publisher
     backend = open_backend(
         settings.backend,
         settings.model,

@@ -58,7 +58,8 @@ def open_backend(
         precision: ``"fp32"`` / ``"fp16"`` / ``"int8"``; None takes the backend's default
             (fp32, or for TensorRT the precision the plan was built with).
         max_batch: crops per runtime call; larger batches are split.
-        options: backend-specific (``threads`` for onnxruntime, ``timeout_s`` for tensorrt).
+        options: backend-specific (``threads`` and ``spin_wait`` for onnxruntime, ``timeout_s``
+            for tensorrt).
     Raises:
         ConfigInvalidError: unknown name.
         BackendUnavailableError: the backend's runtime, GPU or provider is missing here.

@@ -48,6 +48,10 @@ class OnnxRuntimeBackend(Backend):
         precision: ``"fp32"`` only (the graph is FP32).
         max_batch: crops per session run.
         threads: intra-op threads (default: ONNX Runtime's choice, one per core).
+        spin_wait: let idle intra-op threads spin for work (ONNX Runtime's default). Fastest
+            when the session has the CPU to itself; in the pipeline, where the grabber and the
+            publisher share the cores, spinning threads take the cores those processes need
+            (measured on 2 cores, edge preset: 50-55 crops/s spinning, 58-61 without).
     """
 
     name = "onnxruntime"
@@ -59,6 +63,7 @@ class OnnxRuntimeBackend(Backend):
         precision: str | None = None,
         max_batch: int = 8,
         threads: int | None = None,
+        spin_wait: bool = True,
     ):
         precision = precision or "fp32"
         if precision != "fp32":
@@ -72,6 +77,7 @@ class OnnxRuntimeBackend(Backend):
         providers = providers_for(device, ort.get_available_providers())
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        options.add_session_config_entry("session.intra_op.allow_spinning", str(int(spin_wait)))
         if threads:
             options.intra_op_num_threads = int(threads)
         try:

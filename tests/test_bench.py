@@ -1,0 +1,56 @@
+"""``edge bench``: the figures it promises, in the JSON keys the README's table quotes.
+
+Speeds are not asserted (this machine is shared and noisy); what is asserted is that each
+comparison ran on both sides and that the figures that follow from others agree with them.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+KEYS = (
+    "onestep_vs_iterative_speedup",
+    "sparse_vs_dense_speedup",
+    "ort_vs_torch_speedup",
+    "pipeline_vs_engine_ratio",
+    "crops_per_s",
+    "gflop_per_crop",
+    "params_m",
+    "peak_rss_mb",
+)
+
+
+@pytest.mark.slow
+def test_bench_json_has_every_figure_and_they_agree():
+    done = subprocess.run(
+        [sys.executable, "-m", "edge", "bench", "--preset", "tiny", "--iterative-steps", "5"]
+        + ["--repeats", "2", "--laps", "1", "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(done.stdout)
+    for key in KEYS:
+        assert figures[key] > 0, key
+    assert figures["params_m"] == pytest.approx(0.34, abs=0.01)
+    iterative = figures["onestep_vs_iterative"]
+    assert iterative["iterative_steps_measured"] == 5 and iterative["iterative_extrapolated"]
+    assert figures["onestep_vs_iterative_speedup"] == pytest.approx(
+        iterative["iterative_s_per_crop"] / iterative["onestep_s_per_crop"]
+    )
+    assert figures["crops_per_s"] == pytest.approx(
+        1 / figures["ort_vs_torch"]["s_per_crop"]["onnxruntime"]
+    )
+    pipeline = figures["pipeline"]
+    assert pipeline["crops"] == 100 and pipeline["repeats"] == 2
+    assert figures["pipeline_vs_engine_ratio"] == pytest.approx(
+        pipeline["pipeline_crops_per_s"] / pipeline["engine_crops_per_s"]
+    )
+    needs = figures["vehicle_needs"]["160_kmh"]
+    assert needs["crops_per_s_needed"] == pytest.approx(160 / 3.6 / 0.6 * 4)
