@@ -27,6 +27,15 @@ from edge.model.checkpoint import load_checkpoint, save_checkpoint
 from edge.model.detector import DiffFastener
 
 
+def with_inference(model: DiffFastener, **settings) -> DiffFastener:
+    """The same weights under other inference settings: diffusion fields and ``top_k``."""
+    top_k = settings.pop("top_k", model.config.top_k)
+    diffusion = model.config.diffusion.model_copy(update=settings)
+    variant = DiffFastener(model.config.model_copy(update={"diffusion": diffusion, "top_k": top_k}))
+    variant.load_state_dict(model.state_dict())
+    return variant.eval()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
@@ -44,12 +53,7 @@ def main() -> None:
     results = []
     for timesteps, guidance in itertools.product(args.timesteps, args.guidance):
         t_small, t_large = (int(value) for value in timesteps.split(","))
-        diffusion = config.diffusion.model_copy(
-            update={"t_small": t_small, "t_large": t_large, "guidance_w": guidance}
-        )
-        variant = DiffFastener(config.model_copy(update={"diffusion": diffusion}))
-        variant.load_state_dict(model.state_dict())
-        variant.eval()
+        variant = with_inference(model, t_small=t_small, t_large=t_large, guidance_w=guidance)
         with torch.inference_mode():
             maps = torch.cat([variant(batch)[0] for batch in crops.split(32)]).flatten(1)
         for top_k in args.top_k:
@@ -75,12 +79,8 @@ def main() -> None:
         print(json.dumps(row))
     if args.write:
         best = results[-1]
-        diffusion = config.diffusion.model_copy(
-            update={key: best[key] for key in ("t_small", "t_large", "guidance_w")}
-        )
-        chosen = config.model_copy(update={"diffusion": diffusion, "top_k": best["top_k"]})
-        shipped = DiffFastener(chosen)
-        shipped.load_state_dict(model.state_dict())
+        keys = ("t_small", "t_large", "guidance_w", "top_k")
+        shipped = with_inference(model, **{key: best[key] for key in keys})
         extra = dict(payload["extra"], inference_sweep={"data_dir": args.data_dir, **best})
         save_checkpoint(args.write, shipped, step=payload["step"], extra=extra)
 
