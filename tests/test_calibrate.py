@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from edge.errors import CalibrationRefusedError, ConfigInvalidError
+from edge.errors import CalibrationRefusedError, ConfigInvalidError, ExitStatus
 from edge.evaluate.calibrate import fit_threshold, min_crops
 from edge.publisher.thresholds import Thresholds, load_thresholds
 
@@ -44,3 +44,41 @@ def test_thresholds_file_round_trips_and_refuses_another_model(tmp_path):
     assert load_thresholds(path, "model-a") == Thresholds.load(path)
     with pytest.raises(ConfigInvalidError, match="model-a"):
         load_thresholds(path, "model-b")
+
+
+def test_edge_calibrate_pools_the_scores_of_several_folders(tmp_path, capsys):
+    import cv2
+    import torch
+
+    from edge.cli import main
+    from edge.evaluate.calibrate import score_folder
+    from edge.model import DiffFastener, preset
+    from edge.model.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "tiny.pt"
+    model_id = save_checkpoint(checkpoint, DiffFastener(preset("tiny")).eval())
+    rng = np.random.default_rng(3)
+    folders = []
+    for name, count in [("scene-a", 30), ("scene-b", 25)]:
+        folder = tmp_path / name
+        folder.mkdir()
+        for index in range(count):
+            crop = rng.integers(0, 256, size=(32, 32), dtype=np.uint8)
+            cv2.imwrite(str(folder / f"{index:03d}.png"), crop)
+        folders.append(folder)
+    out = tmp_path / "cam0.thresholds.json"
+    argv = ["calibrate", str(checkpoint), *map(str, folders), "--false-alarm-rate", "0.02"]
+    assert main([*argv, "--out", str(out)]) == 0
+    capsys.readouterr()
+
+    # The fit is the 0.98 quantile of the 55 scores of both folders, scored one by one here.
+    pooled = np.concatenate([score_folder(checkpoint, folder, "torch")[0] for folder in folders])
+    thresholds = Thresholds.load(out)
+    assert thresholds.crops == 55 and thresholds.model_id == model_id
+    assert thresholds.threshold == pytest.approx(np.quantile(pooled, 0.98, method="higher"))
+    assert thresholds.data_dir == f"{folders[0]}, {folders[1]}"
+    # Either folder alone holds fewer than the 50 crops the fit needs.
+    status = main([*argv[:2], str(folders[1]), "--false-alarm-rate", "0.02", "--out", str(out)])
+    assert status == ExitStatus.CALIBRATION_REFUSED
+    assert "scene-b: 25 normal crops" in capsys.readouterr().err
