@@ -190,6 +190,16 @@ def test_report_folder_holds_the_alarms(defects_run):
     assert [float(row["mileage_m"]) for row in rows] == pytest.approx(
         [a["mileage_m"] for a in alarms]
     )
+    # crops.csv: every crop once, along the track; the alarms are the crops over the threshold.
+    with (report / "crops.csv").open(newline="", encoding="utf-8") as handle:
+        crops = list(csv.DictReader(handle))
+    assert len(crops) == defects_run["summary"]["crops"]
+    along = [float(row["along_track_m"]) for row in crops]
+    assert along == sorted(along)
+    threshold = defects_run["summary"]["threshold"]
+    over = sorted(int(row["seq"]) for row in crops if float(row["score"]) > threshold)
+    assert over == [a["seq"] for a in alarms]
+    assert all(row["seq"] == "" for row in crops if float(row["score"]) <= threshold)
     geojson = json.loads((report / "alarms.geojson").read_text(encoding="utf-8"))
     assert geojson["type"] == "FeatureCollection"
     assert len(geojson["features"]) == len(alarms)

@@ -11,6 +11,9 @@ The report folder:
   alarms marked;
 - ``alarms.csv`` and ``alarms.geojson`` (one Point per alarm, ``[lon, lat]``; null geometry
   where the alarm has no GPS position) with the same properties;
+- ``crops.csv``: every crop scored, in along-track order, with its rail, side, mileage, score
+  and alarm sequence number (empty when not an alarm), to compare runs over the same line or
+  to see what another threshold would have raised;
 - ``summary.json``: the summary ``edge-replay --json`` prints.
 """
 
@@ -53,6 +56,9 @@ def read_spooled(spool_path: Path, vehicle_id: str, run_id: str, topic: str) -> 
             out += [(json.loads(message.body), message.heatmap_png) for message in batch]
             next_seq = batch[-1].seq + 1
     return out
+
+
+CROP_CSV_FIELDS = ("crop_id", "rail", "side", "along_track_m", "mileage_m", "score", "ok", "seq")
 
 
 def alarm_row(body: dict) -> dict:
@@ -123,6 +129,7 @@ def write_report(
                 found[kind] = path.relative_to(folder).as_posix()
         images.append(found)
     _write_csv(folder / "alarms.csv", rows)
+    _write_crops_csv(folder / "crops.csv", scores)
     _write_geojson(folder / "alarms.geojson", rows, summary)
     _plot_scores(folder / "scores.png", scores, threshold)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -131,11 +138,17 @@ def write_report(
     return index
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
+def _write_csv(path: Path, rows: list[dict], fields: tuple[str, ...] = CSV_FIELDS) -> None:
     with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+
+
+def _write_crops_csv(path: Path, scores: list[dict]) -> None:
+    rows = [{"crop_id": ack["id"], **ack} for ack in scores]
+    rows.sort(key=lambda row: (row["along_track_m"], row["crop_id"]))
+    _write_csv(path, rows, CROP_CSV_FIELDS)
 
 
 def _write_geojson(path: Path, rows: list[dict], summary: dict) -> None:
@@ -199,7 +212,8 @@ def _html(summary: dict, rows: list[dict], images: list[dict]) -> str:
         f"{e(summary['backend'].get('backend', ''))} on {e(summary['backend'].get('device', ''))}; "
         f"model {e(str(summary['model_id']))}, threshold {summary['threshold']:.4g}.</p>\n"
         '<p><img src="scores.png" alt="image score along the mileage"></p>\n'
-        '<p><a href="alarms.csv">alarms.csv</a> · <a href="alarms.geojson">alarms.geojson</a>'
+        '<p><a href="alarms.csv">alarms.csv</a> · <a href="alarms.geojson">alarms.geojson</a> · '
+        '<a href="crops.csv">crops.csv</a>'
         ' · <a href="summary.json">summary.json</a></p>\n'
     )
     cells = []
