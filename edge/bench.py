@@ -14,7 +14,11 @@ Measured:
 3. ONNX Runtime against PyTorch on this CPU, same weights and threads;
 4. the whole pipeline (``edge-replay`` crops per second on a generated recording) against the
    engine alone on the same number of crops, and the pipeline's peak resident memory (the sum
-   over its processes, sampled);
+   over its processes, sampled). Beside that ratio, the engine's busy share: the pipeline's
+   rate over the engine's own rate inside it (crops over its inference time). A share near 1
+   says the engine is never left waiting for crops; the ratio then falls short of it only
+   because grabber and publisher take CPU time from the engine, which they do where all three
+   share the CPU cores and not where the engine runs on a GPU;
 5. parameters and GFLOP per crop;
 6. crops per second against what a vehicle needs at 80, 160 and 250 km/h (a sleeper every
    0.6 m, four fasteners on each).
@@ -326,6 +330,7 @@ def pipeline_vs_engine(
         "engine_crops_per_s": engine_rate,
         "engine_in_pipeline_crops_per_s": statistics.median(engine_in_pipeline_rates),
         "pipeline_vs_engine_ratio": pipeline_rate / engine_rate,
+        "engine_busy_share": pipeline_rate / statistics.median(engine_in_pipeline_rates),
         "peak_rss_mb": peak_bytes / 2**20,
     }
 

@@ -52,5 +52,8 @@ def test_bench_json_has_every_figure_and_they_agree():
     assert figures["pipeline_vs_engine_ratio"] == pytest.approx(
         pipeline["pipeline_crops_per_s"] / pipeline["engine_crops_per_s"]
     )
+    assert pipeline["engine_busy_share"] == pytest.approx(
+        pipeline["pipeline_crops_per_s"] / pipeline["engine_in_pipeline_crops_per_s"]
+    )
     needs = figures["vehicle_needs"]["160_kmh"]
     assert needs["crops_per_s_needed"] == pytest.approx(160 / 3.6 / 0.6 * 4)

@@ -279,7 +279,7 @@ def summary_text(summary: dict) -> str:
         f"  frames {summary['frames']}, crops {summary['crops']}, alarms "
         f"{len(summary['alarms'])}, coverage gaps {len(summary['coverage_gaps'])}",
         f"  {summary['crops_per_second']:.1f} crops/s over {summary['seconds']:.2f} s "
-        f"(engine alone {summary['engine_crops_per_second']:.1f} crops/s); "
+        f"(engine {summary['engine_crops_per_second']:.1f} crops/s while inferring); "
         f"{backend.get('backend')} on {backend.get('device')} {backend.get('precision')}, "
         f"model {summary['model_id']}, threshold {summary['threshold']:.4g}",
     ]
