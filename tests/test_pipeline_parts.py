@@ -15,8 +15,9 @@ from edge.engine.metadata import read_metadata
 from edge.evaluate.baseline import ZScoreBaseline
 from edge.pipeline import wire
 from edge.pipeline.grabber_process import DropGap, InFlight, model_input
-from edge.pipeline.replay import default_model, replay_endpoint_for
+from edge.pipeline.replay import default_model
 from edge.pipeline.supervisor import Watermark
+from edge.publisher.replay import replay_endpoint_for
 from edge.records import CropTag, Mileage
 
 pytestmark = pytest.mark.timeout(30)

@@ -266,3 +266,33 @@ def test_edge_subscribe_frozen_by_sigstop_ends_with_every_alarm_once_in_order(tm
     stats = _stopped_stats(stderr.finish())
     assert stats["replayed"] > 0, "the PUB dropped nothing: the test did not test the replay"
     assert stats["live"] + stats["replayed"] == total and stats["lost"] == 0
+
+
+def test_edge_subscribe_fetches_from_the_next_port_up_without_replay_flag(tmp_path):
+    """A subscriber started after the alarms went out gets them from the replay endpoint,
+    which it finds one port above the PUB endpoint, as the publisher binds it by default."""
+    from pipeline_support import free_port
+
+    port = free_port()
+    config = publisher_config(
+        tmp_path / "spool.db",
+        publish_endpoint=f"tcp://127.0.0.1:{port}",
+        replay_endpoint=f"tcp://127.0.0.1:{port + 1}",
+    )
+    with Publisher(config) as publisher:
+        for crop_id in range(1, 4):
+            publisher.publish_alarm(make_tag(crop_id), 0.9, 0.4, None)
+        child = _edge_subscribe(f"tcp://127.0.0.1:{port}")
+        stdout = _Lines(child.stdout)
+        stdout.wait_for(3, timeout_s=15)
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(10) == 0
+    assert [json.loads(line)["seq"] for line in stdout.finish()] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://*:5590", "notanendpoint", "tcp://127.0.0.1:99999"])
+def test_edge_subscribe_refuses_an_endpoint_it_cannot_connect_to(endpoint):
+    child = _edge_subscribe(endpoint)
+    _, stderr = child.communicate(timeout=30)
+    assert child.returncode == 2
+    assert f"{endpoint!r} is not an endpoint to connect to" in stderr

@@ -19,7 +19,11 @@
 4. At the end of the source: the finder's last fasteners, then ``eos`` with the frame and
    crop counts and whether the recording was cut short; then keep serving acknowledgements
    and resends until ``stop``. ``finish`` (the supervisor draining on SIGTERM) ends the
-   reading early the same way.
+   reading early the same way. A fastener whose crop runs past the last recorded line (at
+   the end of a recording, or where one was cut short) is not scored: half a clip padded
+   with repeated lines is neither a normal nor a defective fastener. It takes its crop id
+   and is reported as a coverage gap (reason ``other``), so the stretch shows as not
+   inspected.
 
 Known limits:
 
@@ -58,6 +62,11 @@ from edge.telemetry.position import Positioner
 log = get_logger(__name__)
 
 _HWM = 10_000
+
+
+def cut_by_end(fastener: FoundFastener, recorded_to: int) -> bool:
+    """Whether the fastener's crop runs past ``recorded_to``, the line after the last recorded."""
+    return fastener.truncated and fastener.line + fastener.crop.shape[0] / 2 > recorded_to
 
 
 def model_input(crop: np.ndarray, crop_shape: tuple[int, int, int]) -> np.ndarray:
@@ -320,6 +329,27 @@ class Grabber:
             if self.stopping:
                 return
 
+    def skip_cut_short(
+        self, found: list[FoundFastener], positioner: Positioner, camera_id: str
+    ) -> None:
+        """Fasteners cut by the end of the recording: ids taken, one coverage gap, no score."""
+        if not found:
+            return
+        first_id = self.next_crop_id
+        tags = [
+            make_tag(first_id + k, fastener, positioner, camera_id)
+            for k, fastener in enumerate(found)
+        ]
+        self.next_crop_id += len(found)
+        gap = CoverageGap.from_crops(
+            tags[0],
+            tags[-1],
+            "other",
+            len(found),
+            f"{len(found)} fastener(s) cut by the end of the recording, not inspected",
+        )
+        self.send_gap(gap, crop_ids=(first_id, self.next_crop_id - 1))
+
     # Steps 2 to 4.
 
     def run(self, source, finder: FastenerFinder, positioner: Positioner) -> None:
@@ -342,7 +372,12 @@ class Grabber:
             if self.finishing:
                 break
         else:
-            self.cut(finder.flush(), positioner, camera_id)
+            last = finder.flush()
+            recorded_to = finder.buffer.end
+            self.cut([f for f in last if not cut_by_end(f, recorded_to)], positioner, camera_id)
+            self.skip_cut_short(
+                [f for f in last if cut_by_end(f, recorded_to)], positioner, camera_id
+            )
             truncated = bool(source.truncated)
         closed = self.drops.close()
         if closed is not None:

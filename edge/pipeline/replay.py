@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -60,6 +59,7 @@ from edge.pipeline.settings import (
 )
 from edge.pipeline.supervisor import RunOutcome, Supervisor
 from edge.pipeline.truth import load_truth, score_against_truth, truth_text
+from edge.publisher.replay import replay_endpoint_for
 from edge.publisher.schema import ALARM_TOPIC, COVERAGE_TOPIC
 from edge.publisher.thresholds import thresholds_path
 from edge.telemetry.position import load_run_info
@@ -91,12 +91,6 @@ def default_model(engines: Path = Path("engines")) -> Path:
             f'one in {pointer} as {{"model": "NAME.onnx"}}'
         )
     return graphs[0]
-
-
-def replay_endpoint_for(publish: str) -> str | None:
-    """``tcp://HOST:PORT`` -> ``tcp://HOST:PORT+1``; None when the port is not a number."""
-    match = re.fullmatch(r"(tcp://.+):(\d+)", publish)
-    return f"{match.group(1)}:{int(match.group(2)) + 1}" if match else None
 
 
 EXIT_STATUSES = """exit statuses:

@@ -28,10 +28,23 @@ be replayed. Errors answer ``{"status": "error", "error": "..."}`` and nothing e
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from edge.publisher.schema import SEQUENCED_TOPICS
 from edge.publisher.spool import Spool
+
+DEFAULT_REPLAY_PORT_OFFSET = 1
+
+
+def replay_endpoint_for(publish: str) -> str | None:
+    """The default replay endpoint beside a PUB endpoint, the next port up:
+    ``tcp://HOST:PORT`` -> ``tcp://HOST:PORT+1``; None when the port is not a number."""
+    match = re.fullmatch(r"(tcp://.+):(\d+)", publish)
+    if not match:
+        return None
+    return f"{match.group(1)}:{int(match.group(2)) + DEFAULT_REPLAY_PORT_OFFSET}"
+
 
 REPLAY_MAX_COUNT = 256
 REPLAY_MAX_BYTES = 8 * 1024 * 1024

@@ -1,6 +1,7 @@
 """Receive alarms exactly once, in order: a SUB socket, gap detection, and replays.
 
 ``edge subscribe tcp://HOST:PORT [--topic alarm/] [--replay tcp://HOST:PORT] [--from-seq N]``
+(the replay endpoint defaults to the next port up, as the publisher binds it)
 prints each message's JSON as one line on stdout, in sequence order per (vehicle, run), and
 exits 0 on Ctrl-C or SIGTERM. The :class:`Subscriber` class does the work; the pipeline's
 tests and the depot's tools use it directly.
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -47,6 +49,7 @@ from edge.publisher.replay import (
     ReplayReply,
     decode_reply,
     encode_request,
+    replay_endpoint_for,
 )
 from edge.publisher.schema import (
     ALARM_TOPIC,
@@ -392,6 +395,15 @@ def _check_shape(topic: str, body: object) -> None:
 # The `edge subscribe` command.
 
 
+def valid_connect_endpoint(endpoint: str) -> bool:
+    """Whether ``endpoint`` names one place to connect to: ``tcp://HOST:PORT`` (no wildcard
+    host, port 1-65535) or ``ipc://PATH``."""
+    if endpoint.startswith("ipc://"):
+        return len(endpoint) > len("ipc://")
+    match = re.fullmatch(r"tcp://([^*:/]+|\[[0-9a-fA-F:]+\]):(\d+)", endpoint)
+    return bool(match) and 1 <= int(match.group(2)) <= 65535
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("endpoint", help="the publisher's PUB endpoint, e.g. tcp://HOST:5560")
     parser.add_argument(
@@ -400,7 +412,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=TOPICS,
         help="topic to print (repeatable); default alarm/",
     )
-    parser.add_argument("--replay", help="the publisher's replay endpoint, e.g. tcp://HOST:5561")
+    replay = parser.add_mutually_exclusive_group()
+    replay.add_argument(
+        "--replay", help="the publisher's replay endpoint (default: the next port up, PORT+1)"
+    )
+    replay.add_argument(
+        "--no-replay", action="store_true", help="log gaps as messages_lost instead of fetching"
+    )
     parser.add_argument(
         "--from-seq", type=int, default=1, help="first sequence number to print of each run"
     )
@@ -421,6 +439,14 @@ def run(args: argparse.Namespace) -> int:
     if args.from_seq < 1:
         print("edge subscribe: --from-seq starts at 1", file=sys.stderr)
         return 2
+    if not valid_connect_endpoint(args.endpoint):
+        print(
+            f"edge subscribe: {args.endpoint!r} is not an endpoint to connect to "
+            "(tcp://HOST:PORT with a port from 1 to 65535, or ipc://PATH)",
+            file=sys.stderr,
+        )
+        return 2
+    replay = None if args.no_replay else args.replay or replay_endpoint_for(args.endpoint)
     if args.server_key is not None:
         try:
             curve = {
@@ -440,7 +466,7 @@ def run(args: argparse.Namespace) -> int:
     subscriber = Subscriber(
         args.endpoint,
         topics=args.topic or (ALARM_TOPIC,),
-        replay_endpoint=args.replay,
+        replay_endpoint=replay,
         from_seq=args.from_seq,
         validate=args.validate,
         **curve,
