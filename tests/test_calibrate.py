@@ -82,3 +82,21 @@ def test_edge_calibrate_pools_the_scores_of_several_folders(tmp_path, capsys):
     status = main([*argv[:2], str(folders[1]), "--false-alarm-rate", "0.02", "--out", str(out)])
     assert status == ExitStatus.CALIBRATION_REFUSED
     assert "scene-b: 25 normal crops" in capsys.readouterr().err
+
+
+def test_edge_calibrate_without_a_camera_or_out_file_writes_nothing(tmp_path, capsys):
+    from edge.cli import main
+
+    status = main(["calibrate", "model.onnx", str(tmp_path), "--calibration-dir", str(tmp_path)])
+    assert status == 2
+    assert "--vehicle and --camera" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("bad", [-0.5, float("nan")])
+def test_a_thresholds_file_with_a_threshold_no_score_can_have_is_refused(tmp_path, bad):
+    path = tmp_path / "cam0.thresholds.json"
+    thresholds = fit_threshold(np.linspace(0, 1, 150), 0.01, "model-a", "crops")
+    thresholds.model_copy(update={"threshold": bad}).save(path)
+    with pytest.raises(ConfigInvalidError, match="cam0.thresholds.json"):
+        load_thresholds(path, "model-a")

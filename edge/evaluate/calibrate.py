@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -101,17 +102,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="folder(s) of normal crops not used in training; scores of several are pooled",
     )
     parser.add_argument("--false-alarm-rate", type=float, default=0.01, help="per normal crop")
-    parser.add_argument("--vehicle", default="demo-vehicle")
-    parser.add_argument("--camera", default="cam0")
+    parser.add_argument("--vehicle", help="vehicle id; with --camera names the file written")
+    parser.add_argument("--camera", help="camera id, e.g. cam0")
     parser.add_argument("--calibration-dir", default="calibration")
-    parser.add_argument("--out", help="file to write (default calibration/VEHICLE/CAMERA...)")
+    parser.add_argument(
+        "--out", help="file to write (default CALIBRATION_DIR/VEHICLE/CAMERA.thresholds.json)"
+    )
     parser.add_argument("--backend", choices=["torch", "onnxruntime"], help="default: by suffix")
 
 
 def run(args: argparse.Namespace) -> int:
     configure("calibrate")
     if not 0.0 < args.false_alarm_rate < 1.0:
-        raise SystemExit("edge calibrate: --false-alarm-rate must lie in (0, 1)")
+        print("edge calibrate: --false-alarm-rate must lie in (0, 1)", file=sys.stderr)
+        return 2
+    if not args.out and not (args.vehicle and args.camera):
+        # No default camera: a forgotten flag must not overwrite another camera's threshold.
+        print("edge calibrate: name the camera (--vehicle and --camera) or --out", file=sys.stderr)
+        return 2
     per_folder = [score_folder(Path(args.model), Path(d), args.backend) for d in args.data_dirs]
     scores = np.concatenate([folder_scores for folder_scores, _ in per_folder])
     model_id = per_folder[0][1]
@@ -120,8 +128,8 @@ def run(args: argparse.Namespace) -> int:
         args.false_alarm_rate,
         model_id,
         ", ".join(args.data_dirs),
-        vehicle_id=args.vehicle,
-        camera_id=args.camera,
+        vehicle_id=args.vehicle or "",
+        camera_id=args.camera or "",
     )
     out = (
         Path(args.out)

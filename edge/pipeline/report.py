@@ -194,7 +194,8 @@ def _plot_scores(path: Path, scores: list[dict], threshold: float) -> None:
     axes.axhline(threshold, color="black", linestyle="--", linewidth=1, label="threshold")
     axes.set_xlabel("mileage (km)" if use_mileage else "along track (m)")
     axes.set_ylabel("image score")
-    axes.legend(loc="upper right", fontsize=8)
+    # Outside the axes, so no crop near the threshold hides behind it.
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0)
     axes.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path)
