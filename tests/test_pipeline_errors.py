@@ -138,3 +138,23 @@ def test_a_missing_thresholds_file_ends_with_status_8_before_anything_starts(sha
     message = _message(stderr)
     assert str(calibration / "TIV-test" / "cam0.thresholds.json") in message
     assert not any('"child_started"' in line for line in stderr)
+
+
+@pytest.mark.slow
+def test_a_publish_port_in_use_ends_with_status_8_naming_it(shared, tmp_path):
+    import zmq
+
+    context = zmq.Context()
+    taken = context.socket(zmq.PUB)
+    taken.setsockopt(zmq.LINGER, 0)
+    port = taken.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        endpoint = f"tcp://127.0.0.1:{port}"
+        status, _, stderr = _replay(shared, shared.defects, "--publish", endpoint)
+    finally:
+        taken.close()
+        context.term()
+    # A user error, reported once: not a publisher restarted until the restart limit.
+    assert status == ExitStatus.CONFIG_INVALID == 8
+    assert f"publish endpoint {endpoint}: cannot bind" in _message(stderr)
+    assert not any('"child_restarting"' in line for line in stderr)

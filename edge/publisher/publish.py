@@ -50,7 +50,7 @@ import zmq
 from pydantic import Field
 
 from edge.config import StrictModel
-from edge.errors import EdgeError, ExitStatus
+from edge.errors import ConfigInvalidError, EdgeError, ExitStatus
 from edge.logs import get_logger
 from edge.publisher import keys as curve_keys
 from edge.publisher.replay import REPLAY_MAX_BYTES, REPLAY_MAX_COUNT, serve_request
@@ -369,13 +369,13 @@ class Publisher:
         self._xpub = self._server_socket(zmq.XPUB, server_keys)
         self._xpub.setsockopt(zmq.SNDHWM, config.sndhwm)
         self._xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
-        self._xpub.bind(config.publish_endpoint)
+        _bind(self._xpub, config.publish_endpoint, "publish")
         self.publish_address: str = self._xpub.last_endpoint.decode()
         self._router = None
         self.replay_address: str | None = None
         if config.replay_endpoint is not None:
             self._router = self._server_socket(zmq.ROUTER, server_keys)
-            self._router.bind(config.replay_endpoint)
+            _bind(self._router, config.replay_endpoint, "replay")
             self.replay_address = self._router.last_endpoint.decode()
         doorbell = f"inproc://publisher-doorbell-{next(_doorbell_ids)}"
         self._doorbell_rx = self._new_socket(zmq.PAIR)
@@ -555,3 +555,12 @@ class Publisher:
             except zmq.Again:
                 log.warning("replay_reply_dropped", messages=served)
             log.debug("replay_served", messages=served)
+
+
+def _bind(socket: zmq.Socket, endpoint: str, role: str) -> None:
+    """Bind, or say which endpoint could not be bound and why (a port in use, a bad address):
+    a user error, not one that a restart of the publisher would mend."""
+    try:
+        socket.bind(endpoint)
+    except zmq.ZMQError as error:
+        raise ConfigInvalidError(f"{role} endpoint {endpoint}: cannot bind ({error})") from error
