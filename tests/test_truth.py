@@ -5,7 +5,7 @@ import json
 import pytest
 
 from edge.errors import ConfigInvalidError
-from edge.pipeline.truth import load_truth, score_against_truth, truth_text
+from edge.pipeline.truth import inspected_span, load_truth, score_against_truth, truth_text
 
 
 def fastener(rail, side, state, mileage_m):
@@ -60,3 +60,23 @@ def test_a_bad_truth_file_names_the_file(tmp_path):
         load_truth(bad)
     with pytest.raises(ConfigInvalidError, match="missing.json: cannot read"):
         load_truth(tmp_path / "missing.json")
+
+
+def test_fasteners_beyond_the_inspected_stretch_are_neither_missed_nor_normal():
+    truth = [
+        fastener("left", "field", "normal", 100.0),
+        fastener("left", "field", "missing", 100.6),
+        fastener("right", "gauge", "normal", 101.2),
+        fastener("right", "gauge", "broken", 101.5),  # 0.3 m past the last crop: cut off
+        fastener("left", "gauge", "normal", 103.0),
+    ]
+    scores = [{"mileage_m": m, "along_track_m": m - 100} for m in (100.0, 100.6, 101.2)]
+    span = inspected_span(scores)
+    assert span == {"mileage_m": (100.0, 101.2), "along_track_m": (0.0, pytest.approx(1.2))}
+    result = score_against_truth([alarm(1, "left", "field", 100.61)], truth, span=span)
+    assert (result["defects"], result["found"], result["missed"]) == (1, 1, [])
+    assert result["normal_fasteners"] == 2 and result["not_inspected"] == 2
+    assert "2 fasteners of the truth lie beyond the stretch inspected" in truth_text(result)
+    # Without the span the cut-off defect is missed and the far normal one is counted.
+    plain = score_against_truth([alarm(1, "left", "field", 100.61)], truth)
+    assert plain["missed"] == [truth[3]] and plain["normal_fasteners"] == 3

@@ -58,7 +58,7 @@ from edge.pipeline.settings import (
     PublisherSettings,
 )
 from edge.pipeline.supervisor import RunOutcome, Supervisor
-from edge.pipeline.truth import load_truth, score_against_truth, truth_text
+from edge.pipeline.truth import inspected_span, load_truth, score_against_truth, truth_text
 from edge.publisher.replay import replay_endpoint_for
 from edge.publisher.schema import ALARM_TOPIC, COVERAGE_TOPIC
 from edge.publisher.thresholds import thresholds_path
@@ -346,7 +346,9 @@ def run(args: argparse.Namespace) -> int:
             bar.close()
         summary = summarise(args, settings, outcome, spool)
         if args.truth is not None:
-            summary["truth"] = score_against_truth(summary["alarms"], truth)
+            summary["truth"] = score_against_truth(
+                summary["alarms"], truth, span=inspected_span(outcome.scores)
+            )
         error = _outcome_error(args.recording, outcome)
         summary["exit_status"] = int(error.exit_status) if error else 0
         summary["error"] = str(error) if error else None

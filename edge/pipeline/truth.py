@@ -50,15 +50,49 @@ def _distance_m(alarm: dict, fastener: dict) -> float | None:
     return None
 
 
+SPAN_MARGIN_M = 0.25  # a crop's position error is millimetres; clips on one sleeper share it
+
+
+def inspected_span(scores: list[dict]) -> dict[str, tuple[float, float]]:
+    """``{"mileage_m": (low, high), "along_track_m": (low, high)}`` of the scored crops (one
+    acknowledgement per crop); a key is left out where no crop has it."""
+    span = {}
+    for key in ("mileage_m", "along_track_m"):
+        values = [ack[key] for ack in scores if ack.get(key) is not None]
+        if values:
+            span[key] = (min(values), max(values))
+    return span
+
+
+def _inside(fastener: dict, span: dict[str, tuple[float, float]], margin_m: float) -> bool:
+    for key in ("mileage_m", "along_track_m"):
+        if fastener.get(key) is not None and key in span:
+            low, high = span[key]
+            return low - margin_m <= fastener[key] <= high + margin_m
+    return True
+
+
 def score_against_truth(
-    alarms: list[dict], fasteners: list[dict], tolerance_m: float = DEFAULT_TOLERANCE_M
+    alarms: list[dict],
+    fasteners: list[dict],
+    tolerance_m: float = DEFAULT_TOLERANCE_M,
+    span: dict[str, tuple[float, float]] | None = None,
 ) -> dict:
     """Match alarm rows (:func:`edge.pipeline.report.alarm_row`) to the truth's defects.
 
+    ``span`` (:func:`inspected_span`): the stretch the run scored. Truth fasteners more than
+    :data:`SPAN_MARGIN_M` beyond it were not inspected (a recording cut short, or clips cut by
+    its end, reported as a coverage gap): they count as ``not_inspected``, neither missed nor
+    normal.
+
     Returns:
         ``defects``, ``found``, ``missed`` (the defects no alarm found), ``false_alarms`` (their
-        ``seq``), ``normal_fasteners``, ``false_alarms_per_100_normal`` and ``tolerance_m``.
+        ``seq``), ``normal_fasteners``, ``false_alarms_per_100_normal``, ``not_inspected`` and
+        ``tolerance_m``.
     """
+    listed = len(fasteners)
+    if span:
+        fasteners = [f for f in fasteners if _inside(f, span, SPAN_MARGIN_M)]
     defects = [fastener for fastener in fasteners if fastener["state"] != "normal"]
     pairs = []
     for d, defect in enumerate(defects):
@@ -83,6 +117,7 @@ def score_against_truth(
         "false_alarms": false_alarms,
         "normal_fasteners": normal,
         "false_alarms_per_100_normal": 100.0 * len(false_alarms) / normal if normal else None,
+        "not_inspected": listed - len(fasteners),
         "tolerance_m": tolerance_m,
     }
 
@@ -96,6 +131,11 @@ def truth_text(result: dict) -> str:
         f"{len(result['false_alarms'])} false alarms on {result['normal_fasteners']} normal "
         f"fasteners" + (f" ({rate:.1f} per 100)" if rate is not None else "")
     ]
+    if result.get("not_inspected"):
+        lines.append(
+            f"    {result['not_inspected']} fasteners of the truth lie beyond the stretch "
+            "inspected (not recorded, or cut by its end), not counted"
+        )
     for defect in result["missed"]:
         place = defect.get("mileage_m", defect.get("along_track_m"))
         lines.append(
