@@ -256,6 +256,7 @@ METRIC_KEYS = {
     "f1_max",
     "f1_max_threshold",
     "threshold",
+    "alarm_when",
     "precision",
     "recall",
     "per_defect_image_auroc",

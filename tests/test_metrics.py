@@ -157,6 +157,10 @@ def test_precision_recall_at_a_threshold_counts_equal_scores_as_anomalous():
     assert (at.precision, at.recall) == pytest.approx((2 / 3, 2 / 3))
     nothing = precision_recall_at(LABELS, SCORES, 5.0)
     assert math.isnan(nothing.precision) and nothing.recall == 0.0
+    # A calibrated threshold is a normal crop's score; the pipeline alarms strictly above it.
+    strict = precision_recall_at(LABELS, SCORES, 0.4, strict=True)  # calls 0.8, 0.9
+    assert (strict.true_positives, strict.false_positives) == (2, 0)
+    assert (strict.precision, strict.recall) == pytest.approx((1.0, 2 / 3))
 
 
 def test_single_class_gives_nan_not_an_error():
@@ -178,7 +182,10 @@ def test_detection_metrics_use_the_given_threshold_and_clean_nan_for_json():
     maps = np.zeros((6, 2, 2))
     metrics = detection_metrics(LABELS, SCORES, maps, threshold=0.4)
     assert metrics.threshold == 0.4 and metrics.f1_max_threshold == pytest.approx(0.35)
-    assert metrics.precision == pytest.approx(2 / 3)
+    # Strictly above a given threshold, as the pipeline alarms: 0.8 and 0.9, not 0.4 itself.
+    assert metrics.alarm_when == "score > threshold"
+    assert (metrics.precision, metrics.recall) == pytest.approx((1.0, 2 / 3))
+    assert detection_metrics(LABELS, SCORES, maps).alarm_when == "score >= threshold"
     assert metrics.pixel_auroc is None and metrics.aupro is None
     # All-zero maps cannot rank the images: the max-of-map AUROC is one half.
     assert metrics.image_auroc_map_max == pytest.approx(0.5)

@@ -5,8 +5,10 @@ printed or logged. Conventions shared by every function:
 
 - ``labels`` are 0 (normal) or 1 (anomalous); ``masks`` are 0 (normal pixel) or non-zero
   (defect pixel); a higher score or map value means "more anomalous".
-- A crop is called anomalous when ``score >= threshold`` (the convention of scikit-learn's
-  ``precision_recall_curve``, whose thresholds F1-max returns).
+- At the F1-max threshold a crop is called anomalous when ``score >= threshold`` (the
+  convention of scikit-learn's ``precision_recall_curve``, whose thresholds F1-max returns).
+  At a threshold given from outside (a camera's calibration) it is ``score > threshold``, as
+  the pipeline raises alarms: a calibrated threshold is itself a normal crop's score.
 - A metric that is undefined for the data (an AUROC with only one class present, an AU-PRO
   with no defect region) is ``nan``, never an exception, so one missing class does not stop an
   evaluation; callers turn ``nan`` into ``null`` in JSON.
@@ -186,7 +188,7 @@ def aupro(
 
 @dataclass(frozen=True)
 class ThresholdResult:
-    """Precision, recall and F1 of the decision ``score >= threshold``, with its counts."""
+    """Precision, recall and F1 of the decision at ``threshold``, with its counts."""
 
     threshold: float
     precision: float
@@ -199,9 +201,10 @@ class ThresholdResult:
 
 
 def precision_recall_at(
-    labels: np.ndarray, scores: np.ndarray, threshold: float
+    labels: np.ndarray, scores: np.ndarray, threshold: float, strict: bool = False
 ) -> ThresholdResult:
-    """Precision and recall when crops with ``score >= threshold`` are called anomalous.
+    """Precision and recall when crops with ``score >= threshold`` (``strict``: ``>``) are
+    called anomalous.
 
     Args:
         labels: ``(n_images,)`` 0 normal, 1 anomalous.
@@ -212,7 +215,8 @@ def precision_recall_at(
         recall is ``nan`` when there is no anomalous crop.
     """
     labels = np.asarray(labels).ravel() > 0
-    called = np.asarray(scores, dtype=np.float64).ravel() >= threshold
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    called = scores > threshold if strict else scores >= threshold
     tp = int(np.sum(called & labels))
     fp = int(np.sum(called & ~labels))
     fn = int(np.sum(~called & labels))
@@ -280,6 +284,7 @@ class DetectionMetrics:
     f1_max: float
     f1_max_threshold: float
     threshold: float
+    alarm_when: str  # "score > threshold" (a given threshold) or "score >= threshold" (F1-max)
     precision: float
     recall: float
     per_defect_image_auroc: dict[str, float] = field(default_factory=dict)
@@ -344,9 +349,10 @@ def detection_metrics(
     scores = np.asarray(scores, dtype=np.float64).ravel()
     anomaly_maps = np.asarray(anomaly_maps)
     best = f1_max(labels, scores)
+    strict = threshold is not None
     if threshold is None:
         threshold = best.threshold
-    at_threshold = precision_recall_at(labels, scores, threshold)
+    at_threshold = precision_recall_at(labels, scores, threshold, strict=strict)
     map_max = anomaly_maps.reshape(len(anomaly_maps), -1).max(axis=1)
     return DetectionMetrics(
         num_images=int(labels.size),
@@ -359,6 +365,7 @@ def detection_metrics(
         f1_max=best.f1,
         f1_max_threshold=best.threshold,
         threshold=float(threshold),
+        alarm_when="score > threshold" if strict else "score >= threshold",
         precision=at_threshold.precision,
         recall=at_threshold.recall,
         per_defect_image_auroc=(

@@ -231,6 +231,11 @@ def write_scores_csv(path: str | Path, result: EvalResult) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     threshold = result.model.metrics.threshold
+    strict = result.model.metrics.alarm_when == "score > threshold"
+
+    def called(score: float) -> bool:
+        return score > threshold if strict else score >= threshold
+
     header = ["path", "defect_type", "label", "image_score", "anomalous"]
     if result.baseline is not None:
         header.append("baseline_score")
@@ -244,7 +249,7 @@ def write_scores_csv(path: str | Path, result: EvalResult) -> None:
                 result.dataset.defect_types[index],
                 int(result.dataset.labels[index]),
                 f"{score:.6g}",
-                int(math.isfinite(threshold) and score >= threshold),
+                int(math.isfinite(threshold) and called(score)),
             ]
             if result.baseline is not None:
                 row.append(f"{float(result.baseline.image_scores[index]):.6g}")
