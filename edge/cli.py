@@ -57,6 +57,9 @@ def _usage(prog: str) -> str:
     lines = [f"usage: {prog} COMMAND [options]", "", "commands:"]
     lines += [f"  {name:<{width}}  {help_text}" for name, (_, help_text) in COMMANDS.items()]
     lines += ["", f"'{prog} COMMAND --help' describes one command."]
+    lines += [
+        "Replaying a recorded run through the pipeline is its own command: edge-replay RUN.mkv"
+    ]
     return "\n".join(lines)
 
 

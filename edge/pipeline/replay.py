@@ -101,6 +101,14 @@ EXIT_STATUSES = """exit statuses:
   5  run.json or telemetry missing   130  interrupted (Ctrl-C)"""
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (argparse turns the error into status 2)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number of at least 1")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EXIT_STATUSES
@@ -155,9 +163,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1.0,
         help="anomaly-map value drawn full red (1 for Diff-Fastener's probabilities)",
     )
-    parser.add_argument("--max-batch", type=int, default=8, help="crops per inference")
+    parser.add_argument("--max-batch", type=positive_int, default=8, help="crops per inference")
     parser.add_argument(
-        "--max-in-flight", type=int, default=64, help="crops between grabber and publisher"
+        "--max-in-flight",
+        type=positive_int,
+        default=64,
+        help="crops between grabber and publisher",
     )
 
 
