@@ -186,7 +186,10 @@ def build_settings(args: argparse.Namespace, spool: Path) -> PipelineSettings:
         raise ModelInvalidError(f"{model}: unknown model type; pass --backend")
     geometry = args.geometry or args.calibration / run.vehicle_id / f"{run.camera_id}.geometry.json"
     thresholds = args.thresholds or thresholds_path(args.calibration, run.vehicle_id, run.camera_id)
+    given = {"geometry": args.geometry is not None, "thresholds": args.thresholds is not None}
     for path, what in ((geometry, "geometry"), (thresholds, "thresholds")):
+        if not path.is_file() and given[what]:
+            raise ConfigInvalidError(f"{path}: the {what} file named by --{what} does not exist")
         if not path.is_file():
             raise ConfigInvalidError(
                 f"{path}: no {what} file for vehicle {run.vehicle_id}, camera {run.camera_id} "
