@@ -372,12 +372,11 @@ class Grabber:
             if self.finishing:
                 break
         else:
-            last = finder.flush()
-            recorded_to = finder.buffer.end
-            self.cut([f for f in last if not cut_by_end(f, recorded_to)], positioner, camera_id)
-            self.skip_cut_short(
-                [f for f in last if cut_by_end(f, recorded_to)], positioner, camera_id
-            )
+            whole, cut_short = [], []
+            for fastener in finder.flush():
+                (cut_short if cut_by_end(fastener, finder.buffer.end) else whole).append(fastener)
+            self.cut(whole, positioner, camera_id)
+            self.skip_cut_short(cut_short, positioner, camera_id)
             truncated = bool(source.truncated)
         closed = self.drops.close()
         if closed is not None:
