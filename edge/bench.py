@@ -14,11 +14,14 @@ Measured:
 3. ONNX Runtime against PyTorch on this CPU, same weights and threads;
 4. the whole pipeline (``edge-replay`` crops per second on a generated recording) against the
    engine alone on the same number of crops, and the pipeline's peak resident memory (the sum
-   over its processes, sampled). Beside that ratio, the engine's busy share: the pipeline's
-   rate over the engine's own rate inside it (crops over its inference time). A share near 1
-   says the engine is never left waiting for crops; the ratio then falls short of it only
-   because grabber and publisher take CPU time from the engine, which they do where all three
-   share the CPU cores and not where the engine runs on a GPU;
+   over its processes, sampled). In two layouts (:func:`engine_layouts`): the vehicle's, where
+   the engine has cores of its own (``--engine-cpus``) and is timed alone on those same cores,
+   so the ratio is what the pipeline's plumbing costs (``pipeline_vs_engine_ratio``); and every
+   process on every core, where the ratio also counts the CPU time grabber and publisher take
+   from the engine, which they cannot on a vehicle whose model runs on a GPU
+   (``pipeline_vs_engine_ratio_shared_cores``). Beside each, the engine's busy share: the
+   pipeline's rate over the engine's own rate inside it (crops over its inference time); near 1,
+   the engine is never left waiting for crops;
 5. parameters and GFLOP per crop;
 6. crops per second against what a vehicle needs at 80, 160 and 250 km/h (a sleeper every
    0.6 m, four fasteners on each).
@@ -249,16 +252,64 @@ def bench_recording(source: Path, laps: int, out: Path) -> Path:
     return out
 
 
+def engine_layouts() -> dict[str, tuple[int, ...] | None]:
+    """The two ways the pipeline is timed: ``shared``, every process on every usable core (as
+    ``edge-replay`` runs by default), and, with two cores or more, ``engine_pinned``: the engine
+    on the upper half of the cores, grabber, publisher and supervisor on the lower half, as on
+    the vehicle where the model has a device of its own (:mod:`edge.pipeline.cpus`)."""
+    from edge.pipeline.cpus import usable_cpus
+
+    cores = sorted(usable_cpus())
+    layouts: dict[str, tuple[int, ...] | None] = {"shared": None}
+    if len(cores) >= 2:
+        layouts["engine_pinned"] = tuple(cores[len(cores) // 2 :])
+    return layouts
+
+
+def engine_alone_rate(
+    onnx_path: Path, config: ModelConfig, crops: int, batch: int, cores: tuple[int, ...] | None
+) -> float:
+    """Crops per second of the ONNX Runtime engine alone on ``crops`` crops in batches of
+    ``batch``: on every core with its default threads, or pinned to ``cores`` with one thread
+    each, as the engine runs inside the pipeline with ``--engine-cpus``."""
+    from edge.engine.backends import open_backend
+    from edge.pipeline.cpus import pin, usable_cpus
+
+    inputs = (
+        np.random.default_rng(1)
+        .uniform(0, 255, (crops, config.in_channels, *(config.image_size,) * 2))
+        .astype(np.float32)
+    )
+    affinity = usable_cpus()
+    options = {} if cores is None else {"threads": len(cores)}
+    pin(cores)  # before the session starts its threads: they inherit the cores
+    try:
+        backend = open_backend("onnxruntime", onnx_path, max_batch=batch, **options)
+        try:
+            backend.infer(inputs[:batch])
+            started = time.perf_counter()
+            backend.infer(inputs)
+            return crops / (time.perf_counter() - started)
+        finally:
+            backend.close()
+    finally:
+        pin(affinity)
+
+
 def pipeline_vs_engine(
     config: ModelConfig, recording: Path, laps: int, batch: int, repeats: int = 3
 ) -> dict:
-    """Crops per second of the whole pipeline (``edge-replay``) and of the engine alone.
+    """Crops per second of the whole pipeline (``edge-replay``) and of the engine alone, in
+    each layout of :func:`engine_layouts`.
 
-    Both run the same exported model with ONNX Runtime's default threads; the engine alone
-    scores as many crops, in batches of ``batch``, in this process. The two alternate
-    ``repeats`` times and the medians are compared.
+    Both run the same exported model with ONNX Runtime; the engine alone scores as many crops,
+    in batches of ``batch``, in this process, on the cores the pipeline's engine had. Pipeline
+    and engine alternate ``repeats`` times per layout and the medians are compared.
+
+    Returns:
+        ``pipeline_vs_engine_ratio`` of the vehicle's layout (``engine_pinned``; ``shared`` on
+        a one-core machine), ``layouts`` with every figure of each, ``peak_rss_mb`` over all.
     """
-    from edge.engine.backends import open_backend
     from edge.engine.export import export_model
     from edge.evaluate.calibrate import fit_threshold
     from edge.grabber.geometry import TrackGeometry
@@ -268,7 +319,9 @@ def pipeline_vs_engine(
     run = RunInfo.load(recording.with_suffix(".json"))
     geometry = Path("calibration") / run.vehicle_id / f"{run.camera_id}.geometry.json"
     TrackGeometry.load(geometry)
-    pipeline_rates, engine_in_pipeline_rates, engine_rates, peak_bytes = [], [], [], 0
+    layouts = engine_layouts()
+    rates = {name: {"pipeline": [], "engine_in_pipeline": [], "engine": []} for name in layouts}
+    peak_bytes = 0
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         model = random_model(config)
@@ -295,11 +348,11 @@ def pipeline_vs_engine(
             str(batch),
             "--json",
         ]
-        backend = open_backend("onnxruntime", onnx_path, max_batch=batch)
-        try:
-            for _ in range(repeats):
+        for _ in range(repeats):  # alternate, so load changes hit every layout alike
+            for name, cores in layouts.items():
+                pinning = [] if cores is None else ["--engine-cpus", ",".join(map(str, cores))]
                 process = subprocess.Popen(
-                    command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+                    command + pinning, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
                 )
                 with TreeMemory(process.pid) as memory:
                     stdout, _ = process.communicate(timeout=1800)
@@ -307,30 +360,32 @@ def pipeline_vs_engine(
                     raise RuntimeError(f"edge-replay failed with exit status {process.returncode}")
                 summary = json.loads(stdout)
                 peak_bytes = max(peak_bytes, memory.peak_bytes)
-                pipeline_rates.append(summary["crops_per_second"])
-                engine_in_pipeline_rates.append(summary["engine_crops_per_second"])
                 crops = int(summary["crops"])
-                inputs = (
-                    np.random.default_rng(1)
-                    .uniform(0, 255, (crops, config.in_channels, *(config.image_size,) * 2))
-                    .astype(np.float32)
+                rates[name]["pipeline"].append(summary["crops_per_second"])
+                rates[name]["engine_in_pipeline"].append(summary["engine_crops_per_second"])
+                rates[name]["engine"].append(
+                    engine_alone_rate(onnx_path, config, crops, batch, cores)
                 )
-                backend.infer(inputs[:batch])
-                started = time.perf_counter()
-                backend.infer(inputs)
-                engine_rates.append(crops / (time.perf_counter() - started))
-        finally:
-            backend.close()
-    pipeline_rate = statistics.median(pipeline_rates)
-    engine_rate = statistics.median(engine_rates)
+    figures = {}
+    for name, cores in layouts.items():
+        pipeline = statistics.median(rates[name]["pipeline"])
+        inside = statistics.median(rates[name]["engine_in_pipeline"])
+        engine = statistics.median(rates[name]["engine"])
+        figures[name] = {
+            "engine_cpus": list(cores) if cores is not None else None,
+            "pipeline_crops_per_s": pipeline,
+            "engine_crops_per_s": engine,
+            "engine_in_pipeline_crops_per_s": inside,
+            "pipeline_vs_engine_ratio": pipeline / engine,
+            "engine_busy_share": pipeline / inside,
+        }
+    vehicle_layout = "engine_pinned" if "engine_pinned" in figures else "shared"
     return {
         "crops": crops,
         "repeats": repeats,
-        "pipeline_crops_per_s": pipeline_rate,
-        "engine_crops_per_s": engine_rate,
-        "engine_in_pipeline_crops_per_s": statistics.median(engine_in_pipeline_rates),
-        "pipeline_vs_engine_ratio": pipeline_rate / engine_rate,
-        "engine_busy_share": pipeline_rate / statistics.median(engine_in_pipeline_rates),
+        "vehicle_layout": vehicle_layout,
+        "pipeline_vs_engine_ratio": figures[vehicle_layout]["pipeline_vs_engine_ratio"],
+        "layouts": figures,
         "peak_rss_mb": peak_bytes / 2**20,
     }
 
@@ -388,6 +443,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     engine_s = figures["ort_vs_torch"]["s_per_crop"]["onnxruntime"]
     figures["crops_per_s"] = 1.0 / engine_s
     figures["pipeline_vs_engine_ratio"] = None
+    figures["pipeline_vs_engine_ratio_shared_cores"] = None
     figures["peak_rss_mb"] = None
     if not args.skip_pipeline:
         log.info("bench_step", step="pipeline")
@@ -396,6 +452,9 @@ def run_bench(args: argparse.Namespace) -> dict:
         )
         figures["pipeline"] = pipeline
         figures["pipeline_vs_engine_ratio"] = pipeline["pipeline_vs_engine_ratio"]
+        figures["pipeline_vs_engine_ratio_shared_cores"] = pipeline["layouts"]["shared"][
+            "pipeline_vs_engine_ratio"
+        ]
         figures["peak_rss_mb"] = pipeline["peak_rss_mb"]
     figures["vehicle_needs"] = {
         f"{speed}_kmh": {

@@ -5,6 +5,7 @@ comparison ran on both sides and that the figures that follow from others agree 
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,11 +50,26 @@ def test_bench_json_has_every_figure_and_they_agree():
     )
     pipeline = figures["pipeline"]
     assert pipeline["crops"] == 100 and pipeline["repeats"] == 2
-    assert figures["pipeline_vs_engine_ratio"] == pytest.approx(
-        pipeline["pipeline_crops_per_s"] / pipeline["engine_crops_per_s"]
+    # Two layouts on this machine (two cores or more): the engine on the upper half of the
+    # cores, and every process on every core.
+    usable = sorted(os.sched_getaffinity(0))
+    layouts = pipeline["layouts"]
+    assert layouts["engine_pinned"]["engine_cpus"] == usable[len(usable) // 2 :]
+    assert layouts["shared"]["engine_cpus"] is None
+    assert pipeline["vehicle_layout"] == "engine_pinned"
+    for layout in layouts.values():
+        assert layout["pipeline_vs_engine_ratio"] == pytest.approx(
+            layout["pipeline_crops_per_s"] / layout["engine_crops_per_s"]
+        )
+        assert layout["engine_busy_share"] == pytest.approx(
+            layout["pipeline_crops_per_s"] / layout["engine_in_pipeline_crops_per_s"]
+        )
+    assert (
+        figures["pipeline_vs_engine_ratio"] == layouts["engine_pinned"]["pipeline_vs_engine_ratio"]
     )
-    assert pipeline["engine_busy_share"] == pytest.approx(
-        pipeline["pipeline_crops_per_s"] / pipeline["engine_in_pipeline_crops_per_s"]
+    assert (
+        figures["pipeline_vs_engine_ratio_shared_cores"]
+        == layouts["shared"]["pipeline_vs_engine_ratio"]
     )
     needs = figures["vehicle_needs"]["160_kmh"]
     assert needs["crops_per_s_needed"] == pytest.approx(160 / 3.6 / 0.6 * 4)

@@ -4,6 +4,7 @@ acknowledgement watermark, the restart policy's arithmetic, and the baseline's O
 from __future__ import annotations
 
 import json
+import os
 
 import cv2
 import numpy as np
@@ -12,8 +13,10 @@ import zmq
 
 from edge.engine.backends import open_backend
 from edge.engine.metadata import read_metadata
+from edge.errors import ConfigInvalidError
 from edge.evaluate.baseline import ZScoreBaseline
 from edge.pipeline import wire
+from edge.pipeline.cpus import parse_cpu_list, plan_cpus
 from edge.pipeline.grabber_process import DropGap, InFlight, model_input
 from edge.pipeline.replay import default_model
 from edge.pipeline.supervisor import Watermark
@@ -162,3 +165,35 @@ def test_the_baseline_exported_as_onnx_scores_as_the_baseline_through_the_backen
     np.testing.assert_allclose(result.anomaly_map, maps, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(result.reconstruction, np.repeat(baseline.mean[None], 5, 0))
     assert result.image_score[4] > 3 * result.image_score[:4].max()
+
+
+@pytest.mark.parametrize(
+    ("text", "cores"),
+    [("1", (1,)), ("3,1", (1, 3)), ("4-6", (4, 5, 6)), ("0,2-3,2", (0, 2, 3)), (" 7 ", (7,))],
+)
+def test_core_lists_read_as_taskset_writes_them(text, cores):
+    assert parse_cpu_list(text) == cores
+
+
+@pytest.mark.parametrize("text", ["", "a", "1-", "-2", "3-1", "1,,2", "1.5"])
+def test_bad_core_lists_are_refused(text):
+    with pytest.raises(ValueError):
+        parse_cpu_list(text)
+
+
+def test_engine_cores_leave_the_rest_to_the_other_processes():
+    usable = sorted(os.sched_getaffinity(0))
+    if len(usable) < 2:
+        pytest.skip("needs a machine with two CPU cores or more")
+    assert plan_cpus(None) is None
+    plan = plan_cpus([usable[-1]])
+    assert plan == {
+        "engine": (usable[-1],),
+        "grabber": tuple(usable[:-1]),
+        "publisher": tuple(usable[:-1]),
+        "supervisor": tuple(usable[:-1]),
+    }
+    with pytest.raises(ConfigInvalidError, match="none is left for the grabber"):
+        plan_cpus(usable)
+    with pytest.raises(ConfigInvalidError, match=f"core\\(s\\) {usable[-1] + 1} not usable"):
+        plan_cpus([usable[-1] + 1])

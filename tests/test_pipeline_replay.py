@@ -301,3 +301,32 @@ def test_publisher_killed_mid_run_every_alarm_reaches_a_subscriber_once(
     assert sorted(body["crop"]["crop_id"] for body in alarms) == sorted(
         a["crop_id"] for a in undisturbed
     )
+
+
+@pytest.mark.timeout(150)
+def test_engine_pinned_to_its_own_core_gives_the_same_alarms(shared, defects_run):
+    """``--engine-cpus``: each child reports the cores the kernel lets it run on (its own
+    affinity mask, read in the child), and the alarms are those of the unpinned run."""
+    usable = sorted(os.sched_getaffinity(0))
+    if len(usable) < 2:
+        pytest.skip("needs a machine with two CPU cores or more")
+    engine_core, others = usable[-1], usable[:-1]
+    command = replay_command(*_replay_args(shared, "--engine-cpus", str(engine_core), "--json"))
+    process, stdout, stderr = start(command)
+    try:
+        assert process.wait(120) == 0, "\n".join(stderr.snapshot()[-20:])
+    finally:
+        process.kill()
+    summary = json.loads(stdout.finish()[-1])
+    stderr.finish()
+    started = {
+        event["process"]: event["cpus"]
+        for event in stderr.events("child_started")
+        if "cpus" in event
+    }
+    assert started == {"engine": [engine_core], "grabber": others, "publisher": others}
+    key = ("seq", "crop_id", "rail", "side", "image_score")
+    assert [tuple(a[k] for k in key) for a in summary["alarms"]] == [
+        tuple(a[k] for k in key) for a in defects_run["summary"]["alarms"]
+    ]
+    assert summary["crops"] == 216

@@ -24,6 +24,7 @@ import pytest
 from pipeline_support import REPO_ROOT, artifacts, edge_command, free_port, match_alarms, start
 
 from edge.config import ConfigError
+from edge.errors import ConfigInvalidError
 from edge.pipeline.notify import SystemdNotifier
 from edge.pipeline.service import ServiceConfig, load_config
 from edge.publisher import Subscriber, validate_message
@@ -241,6 +242,14 @@ def test_the_example_config_loads_and_a_misspelt_key_is_refused(tmp_path):
     data["spool_path"] = "spool/alarms.db"
     (tmp_path / "edge.json").write_text(json.dumps(data))
     assert load_config(tmp_path / "edge.json").spool_path == tmp_path / "spool" / "alarms.db"
+    # The engine's own cores reach the supervisor's settings; an empty list is refused.
+    data["engine_cpus"] = [3, 2]
+    (tmp_path / "edge.json").write_text(json.dumps(data))
+    assert load_config(tmp_path / "edge.json").pipeline_settings().engine_cpus == (3, 2)
+    data["engine_cpus"] = []
+    (tmp_path / "edge.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigInvalidError, match="engine_cpus"):
+        load_config(tmp_path / "edge.json")
 
 
 @pytest.mark.timeout(30)

@@ -31,6 +31,7 @@ import zmq
 from edge.errors import EdgeError, ExitStatus
 from edge.logs import configure, get_logger
 from edge.pipeline import wire
+from edge.pipeline.cpus import pin, usable_cpus
 
 log = get_logger(__name__)
 
@@ -111,9 +112,10 @@ def main(kind: str, settings_json: str, folder: str, generation: int, log_level:
     module = importlib.import_module(module_name)
     settings_class = getattr(importlib.import_module("edge.pipeline.settings"), settings_name)
     settings = settings_class.model_validate_json(settings_json)
+    pin(settings.cpus)  # before the backend starts its threads: they inherit the cores
     context = zmq.Context()
     link = ControlLink(context, folder, kind, generation, settings.heartbeat_interval_s)
-    log.info("child_started", generation=generation, ppid=os.getppid())
+    log.info("child_started", generation=generation, ppid=os.getppid(), cpus=sorted(usable_cpus()))
     status = 0
     # 3. Run; 4. report.
     try:

@@ -119,7 +119,8 @@ def score_batch(
 def run(settings: EngineSettings, link: ControlLink, context: zmq.Context, folder: str) -> None:
     """The engine's life (steps in the module docstring)."""
     # 1. The backend.
-    options = {"threads": settings.threads} if settings.threads else {}
+    threads = settings.threads or (len(settings.cpus) if settings.cpus else None)
+    options = {"threads": threads} if threads else {}
     if settings.backend == "onnxruntime":
         options["spin_wait"] = False  # the cores are shared with the grabber and publisher
     backend = open_backend(

@@ -49,6 +49,7 @@ from edge.errors import (
     RecordingTruncatedError,
 )
 from edge.logs import configure, get_logger
+from edge.pipeline.cpus import parse_cpu_list
 from edge.pipeline.report import alarm_row, gap_row, read_spooled, write_report
 from edge.pipeline.settings import (
     LOCAL_ENDPOINT,
@@ -107,6 +108,14 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} is not a whole number of at least 1")
     return value
+
+
+def cpu_list(text: str) -> tuple[int, ...]:
+    """An argparse type: a core list such as ``1`` or ``0,2-3`` (:mod:`edge.pipeline.cpus`)."""
+    try:
+        return parse_cpu_list(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -170,6 +179,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=64,
         help="crops between grabber and publisher",
     )
+    parser.add_argument(
+        "--engine-cpus",
+        type=cpu_list,
+        help="run the engine on these CPU cores (taskset style: 1 or 2-3) and grabber, "
+        "publisher and supervisor on the others; the engine then uses one thread per core",
+    )
 
 
 def build_settings(args: argparse.Namespace, spool: Path) -> PipelineSettings:
@@ -231,6 +246,7 @@ def build_settings(args: argparse.Namespace, spool: Path) -> PipelineSettings:
         ),
         log_level=os.environ.get("EDGE_LOG_LEVEL", "warning"),
         serve_after_s=args.serve_after,
+        engine_cpus=args.engine_cpus,
     )
 
 

@@ -69,7 +69,15 @@ class ServiceConfig(StrictModel):
     backend: Literal["onnxruntime", "torch", "tensorrt"] = "onnxruntime"
     device: str | None = Field(None, description="cpu, cuda, cuda:N (default: the backend's)")
     precision: str | None = None
-    threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads")
+    threads: int | None = Field(
+        None, ge=1, description="onnxruntime intra-op threads (default: one per engine core)"
+    )
+    engine_cpus: tuple[int, ...] | None = Field(
+        None,
+        min_length=1,
+        description="CPU cores of the engine alone, e.g. [7]; the other processes run on the "
+        "other cores the service may use (edge.pipeline.cpus). Default: no pinning",
+    )
     max_batch: int = Field(8, ge=1)
     mode: Literal["live", "replay"] = "live"
     pace: Literal["none", "realtime"] = "none"
@@ -147,6 +155,7 @@ class ServiceConfig(StrictModel):
             restarts=self.restarts,
             log_level=self.log_level,
             runtime_dir=self.runtime_dir,
+            engine_cpus=self.engine_cpus,
         )
 
 

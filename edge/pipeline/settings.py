@@ -21,6 +21,11 @@ LOCAL_ENDPOINT = "local"
 """A publish endpoint that is an ipc socket in the run's folder: for replays nobody listens to."""
 
 
+_CPUS = Field(
+    None, description="CPU cores this process runs on, set by the supervisor (edge.pipeline.cpus)"
+)
+
+
 class Timing(StrictModel):
     """How the supervisor watches its children. All times are ``time.monotonic`` seconds."""
 
@@ -91,6 +96,7 @@ class GrabberSettings(StrictModel):
         description="after a restart on a live camera: the last acknowledged crop's position, "
         "from which a process_restart coverage gap runs to the first new crop",
     )
+    cpus: tuple[int, ...] | None = _CPUS
     heartbeat_interval_s: float = 0.5
 
 
@@ -108,6 +114,7 @@ class EngineSettings(StrictModel):
         False, description="also send each alarm's crop and reconstruction (for reports)"
     )
     heatmap_vmax: float = Field(1.0, gt=0, description="anomaly-map value drawn full red")
+    cpus: tuple[int, ...] | None = _CPUS
     heartbeat_interval_s: float = 0.5
 
 
@@ -133,6 +140,7 @@ class PublisherSettings(StrictModel):
         0.0, ge=0, description="before ready: wait this long for a first subscription"
     )
     report_dir: Path | None = Field(None, description="where each alarm's PNGs are written")
+    cpus: tuple[int, ...] | None = _CPUS
     child_heartbeat_s: float = 0.5
 
 
@@ -152,6 +160,12 @@ class PipelineSettings(StrictModel):
         ge=0,
         description="after a recording is done, keep the publisher (heartbeats, replays) up "
         "this long so subscribers can fetch what they missed",
+    )
+    engine_cpus: tuple[int, ...] | None = Field(
+        None,
+        min_length=1,
+        description="CPU cores of the engine alone; grabber, publisher and supervisor run on "
+        "the other usable cores (edge.pipeline.cpus). None: every process on every core",
     )
 
     @model_validator(mode="after")

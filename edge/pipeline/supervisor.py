@@ -2,7 +2,8 @@
 dies or stalls, drains on SIGTERM, and talks to systemd.
 
 Start (each child with the ``spawn`` method, after the ``ctl`` ROUTER is bound; nothing here
-has touched CUDA or created a zmq Context before a spawn could copy it):
+has touched CUDA or created a zmq Context before a spawn could copy it; with ``engine_cpus``
+each process is first pinned to its cores, :mod:`edge.pipeline.cpus`):
 
 1. the engine: it opens the backend and runs its self-test; its ``ready`` names the model id,
    the crop shape and the threshold;
@@ -60,6 +61,7 @@ from edge.errors import EdgeError, ExitStatus, ServiceFailedError
 from edge.logs import get_logger
 from edge.pipeline import wire
 from edge.pipeline.child import main as child_main
+from edge.pipeline.cpus import pin, plan_cpus, usable_cpus
 from edge.pipeline.notify import SystemdNotifier
 from edge.pipeline.settings import PipelineSettings
 
@@ -198,6 +200,7 @@ class Supervisor:
         self._router: zmq.Socket | None = None
         self._folder: Path | None = None
         self._mp = multiprocessing.get_context("spawn")
+        self._cpus: dict[str, tuple[int, ...]] | None = None
 
     # The public interface.
 
@@ -212,8 +215,13 @@ class Supervisor:
             ChildFailedError: a child reported an error of the user's (its exit status).
             ServiceFailedError: a child failed more often than the restart limits allow.
         """
+        self._cpus = plan_cpus(self.settings.engine_cpus)
         previous = self._install_signals()
+        affinity = usable_cpus()
         try:
+            if self._cpus is not None:
+                pin(self._cpus["supervisor"])
+                log.info("cpus_pinned", **{name: list(cores) for name, cores in self._cpus.items()})
             self._open()
             try:
                 self._start()
@@ -226,6 +234,8 @@ class Supervisor:
             return self._finish_outcome()
         finally:
             self._teardown()
+            if self._cpus is not None:
+                pin(affinity)
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 
@@ -271,13 +281,16 @@ class Supervisor:
     def _child_settings(self, name: str) -> str:
         settings, timing = self.settings, self.settings.timing
         beat = timing.heartbeat_interval_s
+        cpus = self._cpus[name] if self._cpus is not None else None
         if name == "engine":
-            return settings.engine.model_copy(update={"heartbeat_interval_s": beat}).to_json()
+            update: dict = {"heartbeat_interval_s": beat, "cpus": cpus}
+            return settings.engine.model_copy(update=update).to_json()
         if name == "publisher":
             return settings.publisher.model_copy(
-                update={"model_id": self.model_id, "child_heartbeat_s": beat}
+                update={"model_id": self.model_id, "child_heartbeat_s": beat, "cpus": cpus}
             ).to_json()
-        update: dict = {
+        update = {
+            "cpus": cpus,
             "heartbeat_interval_s": beat,
             "crop_shape": self.crop_shape,
             "skip_below": self.acked.low if self.source_is_file else 0,
