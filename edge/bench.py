@@ -24,7 +24,12 @@ Measured:
    the engine is never left waiting for crops;
 5. parameters and GFLOP per crop;
 6. crops per second against what a vehicle needs at 80, 160 and 250 km/h (a sleeper every
-   0.6 m, four fasteners on each).
+   0.6 m, four fasteners on each);
+7. with ``--device cuda``, instead of 1-4: the engine's crops per second on that GPU with
+   PyTorch FP32 and FP16 and ONNX Runtime's CUDA provider, and the GPU's name.
+
+Known limit: the ``--device cuda`` step has only been run on machines without a GPU, where it
+refuses with each backend's reason (exit status 8); its figures are yet to be measured.
 
 The weights are random: speed does not depend on them.
 """
@@ -390,6 +395,90 @@ def pipeline_vs_engine(
     }
 
 
+def gpu_name(device: str) -> str:
+    """The GPU's name as its driver gives it (torch, else ``nvidia-smi``), or ``"unknown"``."""
+    index = int(device.partition(":")[2] or 0)
+    if torch.cuda.is_available() and index < torch.cuda.device_count():
+        return torch.cuda.get_device_name(index)
+    try:
+        names = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.splitlines()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return names[index].strip() if index < len(names) else "unknown"
+
+
+def device_speed(config: ModelConfig, device: str, repeats: int, batch: int) -> dict:
+    """Crops per second of the engine on a CUDA ``device``: PyTorch FP32 and FP16 (autocast)
+    and ONNX Runtime's CUDA provider, batches of ``batch``, alternating, medians.
+
+    Each figure includes the copies to and from the GPU and the backend's checks, as the
+    engine process pays them. A backend that cannot run here gets its reason instead of a
+    figure.
+
+    Raises:
+        BackendUnavailableError: none of them can run here.
+    """
+    from edge.engine.backends import BackendUnavailableError, open_backend
+    from edge.engine.export import export_model
+    from edge.model.checkpoint import save_checkpoint
+
+    model = random_model(config)
+    crops = (
+        np.random.default_rng(0)
+        .uniform(0, 255, (batch, config.in_channels, config.image_size, config.image_size))
+        .astype(np.float32)
+    )
+    variants = {
+        "torch_fp32": ("torch", "bench.pt", "fp32"),
+        "torch_fp16": ("torch", "bench.pt", "fp16"),
+        "onnxruntime_fp32": ("onnxruntime", "bench.onnx", None),
+    }
+    backends, unavailable = {}, {}
+    with tempfile.TemporaryDirectory() as folder:
+        model_id = save_checkpoint(Path(folder) / "bench.pt", model)
+        export_model(model, Path(folder) / "bench.onnx", model_id=model_id)
+        try:
+            for name, (backend, file, precision) in variants.items():
+                try:
+                    backends[name] = open_backend(
+                        backend,
+                        Path(folder) / file,
+                        device=device,
+                        precision=precision,
+                        max_batch=batch,
+                    )
+                except BackendUnavailableError as error:
+                    unavailable[name] = str(error)
+            if not backends:
+                raise BackendUnavailableError(
+                    f"bench on {device}: no backend can run here: "
+                    + "; ".join(f"{name}: {reason}" for name, reason in unavailable.items())
+                )
+            times: dict[str, list[float]] = {name: [] for name in backends}
+            for backend in backends.values():
+                for _ in range(3):  # kernels chosen, memory pools grown
+                    backend.infer(crops)
+            for _ in range(repeats):
+                for name, backend in backends.items():
+                    started = time.perf_counter()
+                    backend.infer(crops)
+                    times[name].append(time.perf_counter() - started)
+        finally:
+            for backend in backends.values():
+                backend.close()
+    return {
+        "device": device,
+        "gpu": gpu_name(device),
+        "crops_per_s": {name: batch / statistics.median(values) for name, values in times.items()},
+        "unavailable": unavailable,
+    }
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--repeats", type=int, default=5)
@@ -408,6 +497,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="recording the pipeline replays (played --laps times)",
     )
     parser.add_argument("--laps", type=int, default=3)
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu: every comparison on this CPU; cuda or cuda:N: only the engine's crops per "
+        "second on that GPU (torch FP32 and FP16, ONNX Runtime CUDA)",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
 
 
@@ -424,6 +519,10 @@ def run_bench(args: argparse.Namespace) -> dict:
         "gflop_per_crop": info["gflop_per_crop"],
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__},
     }
+    if args.device != "cpu":
+        log.info("bench_step", step="device", device=args.device)
+        figures["on_device"] = device_speed(config, args.device, args.repeats, args.batch)
+        return figures
     steps = [
         (
             "onestep_vs_iterative",

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = (
@@ -73,3 +74,27 @@ def test_bench_json_has_every_figure_and_they_agree():
     )
     needs = figures["vehicle_needs"]["160_kmh"]
     assert needs["crops_per_s_needed"] == pytest.approx(160 / 3.6 / 0.6 * 4)
+
+
+@pytest.mark.timeout(300)
+def test_bench_on_a_gpu_this_machine_lacks_says_why_for_each_backend():
+    import onnxruntime
+
+    if (
+        torch.cuda.is_available()
+        or "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    ):
+        pytest.skip("this machine can run CUDA: the refusal cannot happen here")
+    done = subprocess.run(
+        [sys.executable, "-m", "edge", "bench", "--preset", "tiny", "--device", "cuda"]
+        + ["--repeats", "1", "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert done.returncode == 8 and done.stdout == ""
+    message = done.stderr.strip().splitlines()[-1]
+    assert message.startswith("edge bench: bench on cuda: no backend can run here")
+    for backend in ("torch_fp32", "torch_fp16", "onnxruntime_fp32"):
+        assert f"{backend}: " in message
