@@ -62,7 +62,7 @@ from edge.pipeline.supervisor import RunOutcome, Supervisor
 from edge.pipeline.truth import inspected_span, load_truth, score_against_truth, truth_text
 from edge.publisher.replay import replay_endpoint_for
 from edge.publisher.schema import ALARM_TOPIC, COVERAGE_TOPIC
-from edge.publisher.thresholds import thresholds_path
+from edge.publisher.thresholds import load_thresholds, thresholds_path
 from edge.telemetry.position import load_run_info
 
 log = get_logger(__name__)
@@ -210,6 +210,7 @@ def build_settings(args: argparse.Namespace, spool: Path) -> PipelineSettings:
                 f"{path}: no {what} file for vehicle {run.vehicle_id}, camera {run.camera_id} "
                 f"(from {recording.with_suffix('.json').name}); pass --calibration or --{what}"
             )
+    warn_if_fitted_elsewhere(thresholds, run.vehicle_id, run.camera_id)
     publish = args.publish or LOCAL_ENDPOINT
     replay = args.replay_endpoint or (replay_endpoint_for(args.publish) if args.publish else None)
     return PipelineSettings(
@@ -247,6 +248,29 @@ def build_settings(args: argparse.Namespace, spool: Path) -> PipelineSettings:
         log_level=os.environ.get("EDGE_LOG_LEVEL", "warning"),
         serve_after_s=args.serve_after,
         engine_cpus=args.engine_cpus,
+    )
+
+
+def warn_if_fitted_elsewhere(path: Path, vehicle_id: str, camera_id: str) -> None:
+    """Say so on stderr when a thresholds file names another vehicle or camera than the
+    recording's: its false-alarm rate was measured on another camera's crops and does not hold
+    here (``edge calibrate`` fits one for this camera). A warning, not a refusal: trying a
+    sister camera's threshold on a new camera's first run is a fair thing to do."""
+    fitted = load_thresholds(path)
+    fitted_for = (fitted.vehicle_id or vehicle_id, fitted.camera_id or camera_id)
+    if fitted_for == (vehicle_id, camera_id):
+        return
+    log.warning(
+        "thresholds_of_another_camera",
+        thresholds=str(path),
+        fitted_for=list(fitted_for),
+        recording=[vehicle_id, camera_id],
+    )
+    print(
+        f"edge-replay: warning: {path} was fitted for vehicle {fitted_for[0]}, camera "
+        f"{fitted_for[1]}; this recording is from vehicle {vehicle_id}, camera {camera_id}: its "
+        "false-alarm rate does not carry over",
+        file=sys.stderr,
     )
 
 
