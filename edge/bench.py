@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -387,6 +388,7 @@ def pipeline_vs_engine(
     vehicle_layout = "engine_pinned" if "engine_pinned" in figures else "shared"
     return {
         "crops": crops,
+        "laps": laps,
         "repeats": repeats,
         "vehicle_layout": vehicle_layout,
         "pipeline_vs_engine_ratio": figures[vehicle_layout]["pipeline_vs_engine_ratio"],
@@ -479,6 +481,12 @@ def device_speed(config: ModelConfig, device: str, repeats: int, batch: int) -> 
     }
 
 
+def auto_laps(crops_per_s: float, seconds: float = 4.0, crops_per_lap: int = 100) -> int:
+    """Laps of the bundled sample (100 fasteners each) for about ``seconds`` of pipeline at
+    ``crops_per_s``, between 3 and 30."""
+    return int(min(30, max(3, math.ceil(seconds * crops_per_s / crops_per_lap))))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--repeats", type=int, default=5)
@@ -496,7 +504,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="samples/track-demo/run.mkv",
         help="recording the pipeline replays (played --laps times)",
     )
-    parser.add_argument("--laps", type=int, default=3)
+    parser.add_argument(
+        "--laps",
+        type=int,
+        default=0,
+        help="times the recording is played (0: enough for about 4 s of pipeline at the "
+        "engine's speed, at least 3, so the first frames before the first batch weigh little)",
+    )
     parser.add_argument(
         "--device",
         default="cpu",
@@ -547,7 +561,11 @@ def run_bench(args: argparse.Namespace) -> dict:
     if not args.skip_pipeline:
         log.info("bench_step", step="pipeline")
         pipeline = pipeline_vs_engine(
-            config, Path(args.recording), args.laps, args.batch, args.repeats
+            config,
+            Path(args.recording),
+            args.laps or auto_laps(figures["crops_per_s"]),
+            args.batch,
+            args.repeats,
         )
         figures["pipeline"] = pipeline
         figures["pipeline_vs_engine_ratio"] = pipeline["pipeline_vs_engine_ratio"]
