@@ -122,7 +122,9 @@ def run(settings: EngineSettings, link: ControlLink, context: zmq.Context, folde
     threads = settings.threads or (len(settings.cpus) if settings.cpus else None)
     options = {"threads": threads} if threads else {}
     if settings.backend == "onnxruntime":
-        options["spin_wait"] = False  # the cores are shared with the grabber and publisher
+        # Idle threads may spin only on cores of the engine's own: elsewhere they would take
+        # the cores the grabber and publisher need.
+        options["spin_wait"] = settings.cpus is not None
     backend = open_backend(
         settings.backend,
         settings.model,
