@@ -88,3 +88,8 @@ def test_the_sample_cut_short_raises_no_alarm_on_the_clips_cut_in_half(tmp_path)
     truth = summary["truth"]
     assert (truth["found"], truth["defects"], truth["false_alarms"]) == (3, 3, [])
     assert truth["normal_fasteners"] + truth["defects"] == 44 and truth["not_inspected"] == 56
+    # The summary says so in words, with how far the run was inspected.
+    [warning] = summary["warnings"]
+    assert warning.startswith(f"{tmp_path / 'run.mkv'} is cut short: only its 4 complete frames")
+    assert "(up to km 27 + 417.59 m)" in warning  # the last clip scored, before the gap
+    assert "the track recorded after the cut was not inspected" in warning

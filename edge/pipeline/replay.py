@@ -210,7 +210,6 @@ def build_settings(args: argparse.Namespace, spool: Path) -> PipelineSettings:
                 f"{path}: no {what} file for vehicle {run.vehicle_id}, camera {run.camera_id} "
                 f"(from {recording.with_suffix('.json').name}); pass --calibration or --{what}"
             )
-    warn_if_fitted_elsewhere(thresholds, run.vehicle_id, run.camera_id)
     publish = args.publish or LOCAL_ENDPOINT
     replay = args.replay_endpoint or (replay_endpoint_for(args.publish) if args.publish else None)
     return PipelineSettings(
@@ -251,27 +250,49 @@ def build_settings(args: argparse.Namespace, spool: Path) -> PipelineSettings:
     )
 
 
-def warn_if_fitted_elsewhere(path: Path, vehicle_id: str, camera_id: str) -> None:
-    """Say so on stderr when a thresholds file names another vehicle or camera than the
-    recording's: its false-alarm rate was measured on another camera's crops and does not hold
-    here (``edge calibrate`` fits one for this camera). A warning, not a refusal: trying a
-    sister camera's threshold on a new camera's first run is a fair thing to do."""
+def thresholds_fitted_elsewhere(path: Path, vehicle_id: str, camera_id: str) -> str | None:
+    """A warning when a thresholds file names another vehicle or camera than the recording's:
+    its false-alarm rate was measured on another camera's crops and does not hold here
+    (``edge calibrate`` fits one for this camera); None when it is the recording's own. A
+    warning, not a refusal: trying a sister camera's threshold on a new camera's first run is a
+    fair thing to do. A file that names no vehicle or camera is taken as the recording's."""
     fitted = load_thresholds(path)
     fitted_for = (fitted.vehicle_id or vehicle_id, fitted.camera_id or camera_id)
     if fitted_for == (vehicle_id, camera_id):
-        return
+        return None
     log.warning(
         "thresholds_of_another_camera",
         thresholds=str(path),
         fitted_for=list(fitted_for),
         recording=[vehicle_id, camera_id],
     )
-    print(
-        f"edge-replay: warning: {path} was fitted for vehicle {fitted_for[0]}, camera "
-        f"{fitted_for[1]}; this recording is from vehicle {vehicle_id}, camera {camera_id}: its "
-        "false-alarm rate does not carry over",
-        file=sys.stderr,
+    return (
+        f"{path} was fitted for vehicle {fitted_for[0]}, camera {fitted_for[1]}; this recording "
+        f"is from vehicle {vehicle_id}, camera {camera_id}: its false-alarm rate does not carry "
+        "over"
     )
+
+
+def truncation_warning(recording: Path, outcome: RunOutcome) -> str | None:
+    """A warning naming how far a cut-short recording was inspected; None for a whole one."""
+    if not outcome.truncated:
+        return None
+    span = inspected_span(outcome.scores)
+    if "mileage_m" in span:
+        reach = f"up to km {_km(span['mileage_m'][1])}"
+    elif "along_track_m" in span:
+        reach = f"up to {span['along_track_m'][1]:.2f} m along the run"
+    else:
+        reach = "no fastener before the cut"
+    return (
+        f"{recording} is cut short: only its {outcome.frames} complete frames were inspected "
+        f"({reach}); the track recorded after the cut was not inspected"
+    )
+
+
+def _km(mileage_m: float) -> str:
+    km_post = int(mileage_m // 1000)
+    return f"{km_post} + {mileage_m - 1000 * km_post:.2f} m"
 
 
 def alarm_line(ack: dict, threshold: float) -> str:
@@ -350,6 +371,8 @@ def summary_text(summary: dict) -> str:
         )
     if summary.get("truth"):
         lines.append(truth_text(summary["truth"]))
+    for warning in summary.get("warnings", []):
+        lines.append(f"  WARNING: {warning}")
     if summary["report"]:
         lines.append(f"  report: {summary['report']}")
     return "\n".join(lines)
@@ -376,6 +399,14 @@ def run(args: argparse.Namespace) -> int:
                 shutil.rmtree(args.report / "alarms", ignore_errors=True)
         spool.parent.mkdir(parents=True, exist_ok=True)
         settings = build_settings(args, spool)
+        run_info = load_run_info(args.recording)
+        warnings = [
+            thresholds_fitted_elsewhere(
+                settings.engine.thresholds, run_info.vehicle_id, run_info.camera_id
+            )
+        ]
+        for warning in filter(None, warnings):
+            print(f"edge-replay: warning: {warning}", file=sys.stderr)
         truth = load_truth(args.truth) if args.truth is not None else None
         alarms_out = sys.stderr if args.json else sys.stdout
         bar = tqdm(unit="frame", file=sys.stderr, disable=None, dynamic_ncols=True)
@@ -403,6 +434,8 @@ def run(args: argparse.Namespace) -> int:
             summary["truth"] = score_against_truth(
                 summary["alarms"], truth, span=inspected_span(outcome.scores)
             )
+        warnings.append(truncation_warning(args.recording, outcome))
+        summary["warnings"] = [warning for warning in warnings if warning]
         error = _outcome_error(args.recording, outcome)
         summary["exit_status"] = int(error.exit_status) if error else 0
         summary["error"] = str(error) if error else None

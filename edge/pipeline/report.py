@@ -212,7 +212,11 @@ def _html(summary: dict, rows: list[dict], images: list[dict]) -> str:
         f"coverage gaps; {summary['crops_per_second']:.1f} crops/s with "
         f"{e(summary['backend'].get('backend', ''))} on {e(summary['backend'].get('device', ''))}; "
         f"model {e(str(summary['model_id']))}, threshold {summary['threshold']:.4g}.</p>\n"
-        '<p><img src="scores.png" alt="image score along the mileage"></p>\n'
+        + "".join(
+            f'<p style="color:#b00"><strong>Warning:</strong> {e(warning)}</p>\n'
+            for warning in summary.get("warnings", [])
+        )
+        + '<p><img src="scores.png" alt="image score along the mileage"></p>\n'
         '<p><a href="alarms.csv">alarms.csv</a> · <a href="alarms.geojson">alarms.geojson</a> · '
         '<a href="crops.csv">crops.csv</a>'
         ' · <a href="summary.json">summary.json</a></p>\n'
