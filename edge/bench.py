@@ -56,6 +56,7 @@ from edge.logs import configure, get_logger
 from edge.model.config import PRESETS, ModelConfig, preset
 from edge.model.detector import DiffFastener, to_unit_range
 from edge.model.info import model_info
+from edge.pipeline.replay import positive_int
 
 log = get_logger(__name__)
 
@@ -487,11 +488,30 @@ def auto_laps(crops_per_s: float, seconds: float = 4.0, crops_per_lap: int = 100
     return int(min(30, max(3, math.ceil(seconds * crops_per_s / crops_per_lap))))
 
 
+def device_name(text: str) -> str:
+    """An argparse type: ``cpu``, ``cuda`` or ``cuda:N``."""
+    kind, _, index = text.partition(":")
+    if text == "cpu" or (kind == "cuda" and (not _ or index.isdigit())):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not cpu, cuda or cuda:N")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), default="tiny", help="model size (default: tiny)"
+    )
+    parser.add_argument(
+        "--repeats", type=positive_int, default=5, help="runs of each side; medians (default: 5)"
+    )
+    parser.add_argument(
+        "--batch", type=positive_int, default=8, help="crops per inference (default: 8)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=2,
+        help="torch and ONNX Runtime threads of the engine-alone figures (default: 2)",
+    )
     parser.add_argument(
         "--iterative-steps",
         type=int,
@@ -513,6 +533,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--device",
+        type=device_name,
         default="cpu",
         help="cpu: every comparison on this CPU; cuda or cuda:N: only the engine's crops per "
         "second on that GPU (torch FP32 and FP16, ONNX Runtime CUDA)",
@@ -584,7 +605,7 @@ def run_bench(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    configure("bench")
+    configure("bench", os.environ.get("EDGE_LOG_LEVEL", "warning"))
     figures = run_bench(args)
     if args.json:
         print(json.dumps(figures))

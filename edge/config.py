@@ -33,7 +33,7 @@ class StrictModel(BaseModel):
         try:
             return cls.model_validate_json(text)
         except ValidationError as error:
-            raise ConfigError(f"{source}: {error}") from error
+            raise ConfigError(f"{source}: {describe(error)}") from error
 
     @classmethod
     def load(cls: type[ConfigT], path: str | Path) -> ConfigT:
@@ -52,3 +52,18 @@ class StrictModel(BaseModel):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.to_json() + "\n", encoding="utf-8")
+
+
+def describe(error: ValidationError) -> str:
+    """Each problem of a config as ``key.path: what is wrong (got VALUE)``, one after another:
+    the words a person editing the file needs, without pydantic's links."""
+    problems = []
+    for problem in error.errors(include_url=False):
+        where = ".".join(str(part) for part in problem["loc"]) or "the file"
+        text = f"{where}: {problem['msg']}"
+        if problem["type"] not in ("missing", "extra_forbidden") and not isinstance(
+            problem.get("input"), dict
+        ):
+            text += f" (got {problem.get('input')!r})"
+        problems.append(text)
+    return "; ".join(problems)

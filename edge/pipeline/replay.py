@@ -190,6 +190,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def build_settings(args: argparse.Namespace, spool: Path) -> PipelineSettings:
     """The pipeline settings for a replay (module docstring), checking the files it names."""
     recording: Path = args.recording
+    if recording.is_dir():
+        raise InputUnreadableError(f"{recording}: a folder; name the recording in it (NAME.mkv)")
     if not recording.is_file():
         raise InputUnreadableError(f"{recording}: no such recording file")
     run = load_run_info(recording)
