@@ -72,6 +72,7 @@ def test_bench_json_has_every_figure_and_they_agree():
         figures["pipeline_vs_engine_ratio_shared_cores"]
         == layouts["shared"]["pipeline_vs_engine_ratio"]
     )
+    assert 0 < figures["peak_anon_mb"] < figures["peak_rss_mb"]
     needs = figures["vehicle_needs"]["160_kmh"]
     assert needs["crops_per_s_needed"] == pytest.approx(160 / 3.6 / 0.6 * 4)
 
