@@ -14,14 +14,15 @@ Measured:
 3. ONNX Runtime against PyTorch on this CPU, same weights and threads;
 4. the whole pipeline (``edge-replay`` crops per second on a generated recording) against the
    engine alone on the same number of crops, and the pipeline's peak memory (the sum over its
-   processes, sampled: resident, and anonymous, :class:`TreeMemory`). In two layouts (:func:`engine_layouts`): the vehicle's, where
-   the engine has cores of its own (``--engine-cpus``) and is timed alone on those same cores,
-   so the ratio is what the pipeline's plumbing costs (``pipeline_vs_engine_ratio``); and every
-   process on every core, where the ratio also counts the CPU time grabber and publisher take
-   from the engine, which they cannot on a vehicle whose model runs on a GPU
+   processes, sampled: resident and anonymous, :class:`TreeMemory`). In two layouts
+   (:func:`engine_layouts`): the vehicle's, where the engine has cores of its own
+   (``--engine-cpus``) and is timed alone on those same cores, so the ratio is what the
+   pipeline itself costs (``pipeline_vs_engine_ratio``); and every process on every core,
+   where the ratio also counts the CPU time grabber and publisher take from the engine, which
+   they cannot on a vehicle whose model runs on a GPU
    (``pipeline_vs_engine_ratio_shared_cores``). Beside each, the engine's busy share: the
-   pipeline's rate over the engine's own rate inside it (crops over its inference time); near 1,
-   the engine is never left waiting for crops;
+   pipeline's rate over the engine's own rate inside it (crops over its inference time); near
+   1, the engine is never left waiting for crops;
 5. parameters and GFLOP per crop;
 6. crops per second against what a vehicle needs at 80, 160 and 250 km/h (a sleeper every
    0.6 m, four fasteners on each);

@@ -19,7 +19,7 @@ from edge.evaluate.calibrate import fit_threshold
 from edge.pipeline import wire
 from edge.pipeline.cpus import parse_cpu_list, plan_cpus
 from edge.pipeline.grabber_process import DropGap, InFlight, model_input
-from edge.pipeline.replay import default_model, thresholds_fitted_elsewhere
+from edge.pipeline.replay import default_model, thresholds_warnings
 from edge.pipeline.supervisor import Watermark
 from edge.publisher.replay import replay_endpoint_for
 from edge.records import CropTag, Mileage
@@ -200,15 +200,25 @@ def test_engine_cores_leave_the_rest_to_the_other_processes():
         plan_cpus([usable[-1] + 1])
 
 
-def test_replay_warns_when_the_thresholds_are_another_cameras(tmp_path):
+def test_replay_warns_of_thresholds_fitted_elsewhere_or_set_by_hand(tmp_path):
     fitted = fit_threshold(np.linspace(0.1, 0.5, 200), 0.01, "m1", "crops")
     path = tmp_path / "cam0.thresholds.json"
     fitted.model_copy(update={"vehicle_id": "TIV-1", "camera_id": "cam0"}).save(path)
-    assert thresholds_fitted_elsewhere(path, "TIV-1", "cam0") is None
-    warning = thresholds_fitted_elsewhere(path, "TIV-1", "cam1")
+    assert thresholds_warnings(path, "TIV-1", "cam0") == []
+    [warning] = thresholds_warnings(path, "TIV-1", "cam1")
     assert warning.startswith(f"{path} was fitted for vehicle TIV-1, camera cam0; ")
     assert "from vehicle TIV-1, camera cam1" in warning
-    assert "from vehicle TIV-2, camera cam0" in thresholds_fitted_elsewhere(path, "TIV-2", "cam0")
+    [warning] = thresholds_warnings(path, "TIV-2", "cam0")
+    assert "from vehicle TIV-2, camera cam0" in warning
     # A file that names no vehicle or camera is taken as the recording's.
     fitted.save(path)
-    assert thresholds_fitted_elsewhere(path, "TIV-2", "cam3") is None
+    assert thresholds_warnings(path, "TIV-2", "cam3") == []
+    # A threshold outside the fitted scores (0.1 to 0.5) was set by hand.
+    for threshold in (0.6, 0.05):
+        fitted.model_copy(update={"threshold": threshold}).save(path)
+        [warning] = thresholds_warnings(path, "TIV-1", "cam0")
+        assert f"threshold {threshold:g} lies outside the scores it was fitted on (0.1 to 0.5)" in (
+            warning
+        )
+    fitted.model_copy(update={"threshold": 0.5}).save(path)
+    assert thresholds_warnings(path, "TIV-1", "cam0") == []

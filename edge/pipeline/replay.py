@@ -252,27 +252,37 @@ def build_settings(args: argparse.Namespace, spool: Path) -> PipelineSettings:
     )
 
 
-def thresholds_fitted_elsewhere(path: Path, vehicle_id: str, camera_id: str) -> str | None:
-    """A warning when a thresholds file names another vehicle or camera than the recording's:
-    its false-alarm rate was measured on another camera's crops and does not hold here
-    (``edge calibrate`` fits one for this camera); None when it is the recording's own. A
-    warning, not a refusal: trying a sister camera's threshold on a new camera's first run is a
-    fair thing to do. A file that names no vehicle or camera is taken as the recording's."""
+def thresholds_warnings(path: Path, vehicle_id: str, camera_id: str) -> list[str]:
+    """What makes a thresholds file's false-alarm rate not hold for this recording:
+
+    - it names another vehicle or camera than the recording's: the rate was measured on
+      another camera's crops (``edge calibrate`` fits one for this camera). A file that names
+      neither is taken as the recording's;
+    - its threshold lies outside the scores it was fitted on (edited by hand): above the
+      highest, fewer alarms than the rate says, down to none; below the lowest, every crop.
+
+    Warnings, not refusals: trying a sister camera's threshold on a new camera's first run, or
+    a hand-set threshold, is a fair thing to do, as long as it is said.
+    """
     fitted = load_thresholds(path)
+    warnings = []
     fitted_for = (fitted.vehicle_id or vehicle_id, fitted.camera_id or camera_id)
-    if fitted_for == (vehicle_id, camera_id):
-        return None
-    log.warning(
-        "thresholds_of_another_camera",
-        thresholds=str(path),
-        fitted_for=list(fitted_for),
-        recording=[vehicle_id, camera_id],
-    )
-    return (
-        f"{path} was fitted for vehicle {fitted_for[0]}, camera {fitted_for[1]}; this recording "
-        f"is from vehicle {vehicle_id}, camera {camera_id}: its false-alarm rate does not carry "
-        "over"
-    )
+    if fitted_for != (vehicle_id, camera_id):
+        warnings.append(
+            f"{path} was fitted for vehicle {fitted_for[0]}, camera {fitted_for[1]}; this "
+            f"recording is from vehicle {vehicle_id}, camera {camera_id}: its false-alarm rate "
+            "does not carry over"
+        )
+    scores = fitted.scores
+    if not scores.minimum <= fitted.threshold <= scores.maximum:
+        warnings.append(
+            f"{path}: threshold {fitted.threshold:.4g} lies outside the scores it was fitted on "
+            f"({scores.minimum:.4g} to {scores.maximum:.4g}): set by hand, its false-alarm rate "
+            f"is not the {fitted.false_alarm_rate:g} the file states"
+        )
+    for warning in warnings:
+        log.warning("thresholds_warning", thresholds=str(path), warning=warning)
+    return warnings
 
 
 def truncation_warning(recording: Path, outcome: RunOutcome) -> str | None:
@@ -402,12 +412,10 @@ def run(args: argparse.Namespace) -> int:
         spool.parent.mkdir(parents=True, exist_ok=True)
         settings = build_settings(args, spool)
         run_info = load_run_info(args.recording)
-        warnings = [
-            thresholds_fitted_elsewhere(
-                settings.engine.thresholds, run_info.vehicle_id, run_info.camera_id
-            )
-        ]
-        for warning in filter(None, warnings):
+        warnings = thresholds_warnings(
+            settings.engine.thresholds, run_info.vehicle_id, run_info.camera_id
+        )
+        for warning in warnings:
             print(f"edge-replay: warning: {warning}", file=sys.stderr)
         truth = load_truth(args.truth) if args.truth is not None else None
         alarms_out = sys.stderr if args.json else sys.stdout
@@ -436,8 +444,8 @@ def run(args: argparse.Namespace) -> int:
             summary["truth"] = score_against_truth(
                 summary["alarms"], truth, span=inspected_span(outcome.scores)
             )
-        warnings.append(truncation_warning(args.recording, outcome))
-        summary["warnings"] = [warning for warning in warnings if warning]
+        truncated = truncation_warning(args.recording, outcome)
+        summary["warnings"] = warnings + ([truncated] if truncated else [])
         error = _outcome_error(args.recording, outcome)
         summary["exit_status"] = int(error.exit_status) if error else 0
         summary["error"] = str(error) if error else None
