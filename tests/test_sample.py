@@ -20,7 +20,7 @@ import pytest
 from pipeline_support import replay_command
 
 from edge.engine.metadata import read_metadata
-from edge.pipeline.replay import default_model
+from edge.pipeline.replay import default_model, summary_text
 from edge.publisher.thresholds import load_thresholds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,3 +93,8 @@ def test_the_sample_cut_short_raises_no_alarm_on_the_clips_cut_in_half(tmp_path)
     assert warning.startswith(f"{tmp_path / 'run.mkv'} is cut short: only its 4 complete frames")
     assert "(up to km 27 + 417.59 m)" in warning  # the last clip scored, before the gap
     assert "the track recorded after the cut was not inspected" in warning
+    # The plain summary places the gap on the line's kilometres and says why.
+    assert (
+        "coverage gap #1 (other, 4 crops): km 27 + 418.15 m to km 27 + 418.15 m: 4 fastener(s) "
+        "cut by the end of the recording, not inspected"
+    ) in summary_text(summary)

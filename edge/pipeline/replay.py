@@ -302,6 +302,12 @@ def truncation_warning(recording: Path, outcome: RunOutcome) -> str | None:
     )
 
 
+def _gap_place(point: dict) -> str:
+    if point["km_post"] is None:
+        return f"{point['along_track_m']:.2f} m along the run"
+    return f"km {point['km_post']} + {point['metres']:.2f} m"
+
+
 def _km(mileage_m: float) -> str:
     km_post = int(mileage_m // 1000)
     return f"{km_post} + {mileage_m - 1000 * km_post:.2f} m"
@@ -379,7 +385,8 @@ def summary_text(summary: dict) -> str:
     for gap in summary["coverage_gaps"]:
         lines.append(
             f"  coverage gap #{gap['seq']} ({gap['reason']}, {gap['crops_dropped']} crops): "
-            f"{gap['start']['along_track_m']:.2f} m to {gap['end']['along_track_m']:.2f} m"
+            f"{_gap_place(gap['start'])} to {_gap_place(gap['end'])}"
+            + (f": {gap['detail']}" if gap["detail"] else "")
         )
     if summary.get("truth"):
         lines.append(truth_text(summary["truth"]))
