@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -19,8 +20,8 @@ from edge.evaluate.calibrate import fit_threshold
 from edge.pipeline import wire
 from edge.pipeline.cpus import parse_cpu_list, plan_cpus
 from edge.pipeline.grabber_process import DropGap, InFlight, model_input
-from edge.pipeline.replay import default_model, thresholds_warnings
-from edge.pipeline.supervisor import Watermark
+from edge.pipeline.replay import default_model, thresholds_warnings, truncation_warning
+from edge.pipeline.supervisor import RunOutcome, Watermark
 from edge.publisher.replay import replay_endpoint_for
 from edge.records import CropTag, Mileage
 
@@ -222,3 +223,24 @@ def test_replay_warns_of_thresholds_fitted_elsewhere_or_set_by_hand(tmp_path):
         )
     fitted.model_copy(update={"threshold": 0.5}).save(path)
     assert thresholds_warnings(path, "TIV-1", "cam0") == []
+
+
+@pytest.mark.parametrize(
+    ("mileages", "reach"),
+    [
+        ((27_405.0, 27_408.52, 27_412.1), "up to km 27 + 412.10 m"),  # increasing
+        ((27_408.52, 27_404.0, 27_399.97), "up to km 27 + 399.97 m"),  # decreasing
+        ((1_001.0, 1_000.2, 999.5), "up to km 0 + 999.50 m"),  # decreasing past a km post
+    ],
+)
+def test_a_cut_short_run_was_inspected_up_to_its_last_crop_in_running_order(mileages, reach):
+    scores = [
+        {"along_track_m": 0.6 * k, "mileage_m": mileage} for k, mileage in enumerate(mileages)
+    ]
+    outcome = RunOutcome(frames=1, truncated=True, scores=scores[::-1])  # acks come in any order
+    warning = truncation_warning(Path("run.mkv"), outcome)
+    assert warning == (
+        f"run.mkv is cut short: only its 1 complete frame was inspected ({reach}); whatever "
+        "was recorded after the cut was not inspected"
+    )
+    assert truncation_warning(Path("run.mkv"), RunOutcome(frames=1, scores=scores)) is None

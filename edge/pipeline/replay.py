@@ -286,19 +286,26 @@ def thresholds_warnings(path: Path, vehicle_id: str, camera_id: str) -> list[str
 
 
 def truncation_warning(recording: Path, outcome: RunOutcome) -> str | None:
-    """A warning naming how far a cut-short recording was inspected; None for a whole one."""
+    """A warning naming how far a cut-short recording was inspected: the position of the last
+    crop scored in running order (mileage may run either way); None for a whole recording."""
     if not outcome.truncated:
         return None
-    span = inspected_span(outcome.scores)
-    if "mileage_m" in span:
-        reach = f"up to km {_km(span['mileage_m'][1])}"
-    elif "along_track_m" in span:
-        reach = f"up to {span['along_track_m'][1]:.2f} m along the run"
-    else:
+    scored = [ack for ack in outcome.scores if ack.get("along_track_m") is not None]
+    if not scored:
         reach = "no fastener before the cut"
+    else:
+        last = max(scored, key=lambda ack: ack["along_track_m"])
+        if last.get("mileage_m") is not None:
+            reach = f"up to km {_km(last['mileage_m'])}"
+        else:
+            reach = f"up to {last['along_track_m']:.2f} m along the run"
+    if outcome.frames == 1:
+        frames = "its 1 complete frame was"
+    else:
+        frames = f"its {outcome.frames} complete frames were"
     return (
-        f"{recording} is cut short: only its {outcome.frames} complete frames were inspected "
-        f"({reach}); the track recorded after the cut was not inspected"
+        f"{recording} is cut short: only {frames} inspected ({reach}); whatever was recorded "
+        "after the cut was not inspected"
     )
 
 
