@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import cv2
@@ -18,7 +19,7 @@ from edge.errors import ConfigInvalidError
 from edge.evaluate.baseline import ZScoreBaseline
 from edge.evaluate.calibrate import fit_threshold
 from edge.pipeline import wire
-from edge.pipeline.cpus import parse_cpu_list, plan_cpus
+from edge.pipeline.cpus import parse_cpu_list, pin, plan_cpus
 from edge.pipeline.grabber_process import DropGap, InFlight, model_input
 from edge.pipeline.replay import default_model, thresholds_warnings, truncation_warning
 from edge.pipeline.supervisor import RunOutcome, Watermark
@@ -244,3 +245,28 @@ def test_a_cut_short_run_was_inspected_up_to_its_last_crop_in_running_order(mile
         "was recorded after the cut was not inspected"
     )
     assert truncation_warning(Path("run.mkv"), RunOutcome(frames=1, scores=scores)) is None
+
+
+def test_pinning_moves_threads_started_before_it():
+    usable = sorted(os.sched_getaffinity(0))
+    if len(usable) < 2:
+        pytest.skip("needs a machine with two CPU cores or more")
+    started, release = threading.Event(), threading.Event()
+    seen: list[set[int]] = []
+
+    def earlier_thread():
+        started.set()
+        release.wait(10)
+        seen.append(os.sched_getaffinity(0))
+
+    thread = threading.Thread(target=earlier_thread)
+    thread.start()
+    started.wait(10)
+    try:
+        pin([usable[0]])
+        release.set()
+        thread.join(10)
+        assert seen == [{usable[0]}]
+    finally:
+        pin(usable)
+    assert sorted(os.sched_getaffinity(0)) == usable

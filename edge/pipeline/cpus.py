@@ -90,9 +90,23 @@ def plan_cpus(engine_cpus: Iterable[int] | None) -> dict[str, tuple[int, ...]] |
 
 
 def pin(cores: Iterable[int] | None) -> None:
-    """Run the calling process on ``cores`` from now on (None: leave it as it is)."""
-    if cores is not None:
-        os.sched_setaffinity(0, set(cores))
+    """Run every thread of the calling process on ``cores`` from now on (None: leave it as it
+    is). Linux keeps an affinity mask per thread, and ``sched_setaffinity(0)`` sets only the
+    caller's: threads started before (a progress bar's monitor, zmq's I/O threads) are set one
+    by one from ``/proc/self/task``; threads started after inherit the mask."""
+    if cores is None:
+        return
+    cores = set(cores)
+    os.sched_setaffinity(0, cores)
+    try:
+        threads = [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:
+        return
+    for tid in threads:
+        try:
+            os.sched_setaffinity(tid, cores)
+        except OSError:
+            continue  # the thread ended meanwhile
 
 
 def _cpu_list(cores: Iterable[int]) -> str:
