@@ -590,7 +590,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     figures["crops_per_s"] = 1.0 / engine_s
     figures["pipeline_vs_engine_ratio"] = None
     figures["pipeline_vs_engine_ratio_shared_cores"] = None
-    figures["peak_rss_mb"] = figures["peak_anon_mb"] = None
+    figures["pipeline"] = figures["peak_rss_mb"] = figures["peak_anon_mb"] = None
     if not args.skip_pipeline:
         log.info("bench_step", step="pipeline")
         pipeline = pipeline_vs_engine(

@@ -21,9 +21,10 @@ from edge.evaluate.calibrate import fit_threshold
 from edge.pipeline import wire
 from edge.pipeline.cpus import parse_cpu_list, pin, plan_cpus
 from edge.pipeline.grabber_process import DropGap, InFlight, model_input
-from edge.pipeline.replay import default_model, thresholds_warnings, truncation_warning
+from edge.pipeline.replay import default_model, truncation_warning
 from edge.pipeline.supervisor import RunOutcome, Watermark
 from edge.publisher.replay import replay_endpoint_for
+from edge.publisher.thresholds import thresholds_warnings
 from edge.records import CropTag, Mileage
 
 pytestmark = pytest.mark.timeout(30)
@@ -202,26 +203,30 @@ def test_engine_cores_leave_the_rest_to_the_other_processes():
         plan_cpus([usable[-1] + 1])
 
 
-def test_replay_warns_of_thresholds_fitted_elsewhere_or_set_by_hand(tmp_path):
+def test_thresholds_fitted_elsewhere_or_set_by_hand_are_warned_of(tmp_path):
     fitted = fit_threshold(np.linspace(0.1, 0.5, 200), 0.01, "m1", "crops")
     path = tmp_path / "cam0.thresholds.json"
     fitted.model_copy(update={"vehicle_id": "TIV-1", "camera_id": "cam0"}).save(path)
     assert thresholds_warnings(path, "TIV-1", "cam0") == []
+    assert thresholds_warnings(path, "TIV-1") == []  # the service knows no camera
     [warning] = thresholds_warnings(path, "TIV-1", "cam1")
-    assert warning.startswith(f"{path} was fitted for vehicle TIV-1, camera cam0; ")
-    assert "from vehicle TIV-1, camera cam1" in warning
-    [warning] = thresholds_warnings(path, "TIV-2", "cam0")
-    assert "from vehicle TIV-2, camera cam0" in warning
+    assert warning == (
+        f"{path} was fitted for vehicle TIV-1, camera cam0; it is used on vehicle TIV-1, camera "
+        "cam1: its false-alarm rate does not carry over"
+    )
+    [warning] = thresholds_warnings(path, "TIV-2")
+    assert "it is used on vehicle TIV-2: its false-alarm rate" in warning
     # A file that names no vehicle or camera is taken as the recording's.
     fitted.save(path)
     assert thresholds_warnings(path, "TIV-2", "cam3") == []
     # A threshold outside the fitted scores (0.1 to 0.5) was set by hand.
-    for threshold in (0.6, 0.05):
-        fitted.model_copy(update={"threshold": threshold}).save(path)
-        [warning] = thresholds_warnings(path, "TIV-1", "cam0")
-        assert f"threshold {threshold:g} lies outside the scores it was fitted on (0.1 to 0.5)" in (
-            warning
-        )
+    fitted.model_copy(update={"threshold": 0.6}).save(path)
+    [warning] = thresholds_warnings(path, "TIV-1", "cam0")
+    assert "threshold 0.6 is above every score it was fitted on (0.1 to 0.5)" in warning
+    assert warning.endswith("possibly none")
+    fitted.model_copy(update={"threshold": 0.05}).save(path)
+    [warning] = thresholds_warnings(path, "TIV-1", "cam0")
+    assert "threshold 0.05 is below every score it was fitted on (0.1 to 0.5)" in warning
     fitted.model_copy(update={"threshold": 0.5}).save(path)
     assert thresholds_warnings(path, "TIV-1", "cam0") == []
 

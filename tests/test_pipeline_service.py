@@ -242,14 +242,22 @@ def test_the_example_config_loads_and_a_misspelt_key_is_refused(tmp_path):
     data["spool_path"] = "spool/alarms.db"
     (tmp_path / "edge.json").write_text(json.dumps(data))
     assert load_config(tmp_path / "edge.json").spool_path == tmp_path / "spool" / "alarms.db"
-    # The engine's own cores reach the supervisor's settings; an empty list is refused.
-    data["engine_cpus"] = [3, 2]
-    (tmp_path / "edge.json").write_text(json.dumps(data))
-    assert load_config(tmp_path / "edge.json").pipeline_settings().engine_cpus == (3, 2)
-    data["engine_cpus"] = []
-    (tmp_path / "edge.json").write_text(json.dumps(data))
-    with pytest.raises(ConfigInvalidError, match="engine_cpus"):
-        load_config(tmp_path / "edge.json")
+    # The engine's own cores, as a list or as taskset writes them, reach the supervisor's
+    # settings; an empty list, a core this machine lacks or garbage are refused, naming the file.
+    last = max(os.sched_getaffinity(0))
+    for given in ([last], str(last), f"{last}-{last}"):
+        data["engine_cpus"] = given
+        (tmp_path / "edge.json").write_text(json.dumps(data))
+        assert load_config(tmp_path / "edge.json").pipeline_settings().engine_cpus == (last,)
+    for given, problem in (
+        ([], "engine_cpus: Tuple should have at least 1 item"),
+        ([last + 1], f"engine_cpus {last + 1}: core\\(s\\) {last + 1} not usable here"),
+        ("x", "engine_cpus: Value error, 'x' is not a core list"),
+    ):
+        data["engine_cpus"] = given
+        (tmp_path / "edge.json").write_text(json.dumps(data))
+        with pytest.raises(ConfigInvalidError, match=f"^{tmp_path / 'edge.json'}: {problem}"):
+            load_config(tmp_path / "edge.json")
 
 
 @pytest.mark.timeout(30)

@@ -62,7 +62,7 @@ from edge.pipeline.supervisor import RunOutcome, Supervisor
 from edge.pipeline.truth import inspected_span, load_truth, score_against_truth, truth_text
 from edge.publisher.replay import replay_endpoint_for
 from edge.publisher.schema import ALARM_TOPIC, COVERAGE_TOPIC
-from edge.publisher.thresholds import load_thresholds, thresholds_path
+from edge.publisher.thresholds import thresholds_path, thresholds_warnings
 from edge.telemetry.position import load_run_info
 
 log = get_logger(__name__)
@@ -252,39 +252,6 @@ def build_settings(args: argparse.Namespace, spool: Path) -> PipelineSettings:
     )
 
 
-def thresholds_warnings(path: Path, vehicle_id: str, camera_id: str) -> list[str]:
-    """What makes a thresholds file's false-alarm rate not hold for this recording:
-
-    - it names another vehicle or camera than the recording's: the rate was measured on
-      another camera's crops (``edge calibrate`` fits one for this camera). A file that names
-      neither is taken as the recording's;
-    - its threshold lies outside the scores it was fitted on (edited by hand): above the
-      highest, fewer alarms than the rate says, down to none; below the lowest, every crop.
-
-    Warnings, not refusals: trying a sister camera's threshold on a new camera's first run, or
-    a hand-set threshold, is a fair thing to do, as long as it is said.
-    """
-    fitted = load_thresholds(path)
-    warnings = []
-    fitted_for = (fitted.vehicle_id or vehicle_id, fitted.camera_id or camera_id)
-    if fitted_for != (vehicle_id, camera_id):
-        warnings.append(
-            f"{path} was fitted for vehicle {fitted_for[0]}, camera {fitted_for[1]}; this "
-            f"recording is from vehicle {vehicle_id}, camera {camera_id}: its false-alarm rate "
-            "does not carry over"
-        )
-    scores = fitted.scores
-    if not scores.minimum <= fitted.threshold <= scores.maximum:
-        warnings.append(
-            f"{path}: threshold {fitted.threshold:.4g} lies outside the scores it was fitted on "
-            f"({scores.minimum:.4g} to {scores.maximum:.4g}): set by hand, its false-alarm rate "
-            f"is not the {fitted.false_alarm_rate:g} the file states"
-        )
-    for warning in warnings:
-        log.warning("thresholds_warning", thresholds=str(path), warning=warning)
-    return warnings
-
-
 def truncation_warning(recording: Path, outcome: RunOutcome) -> str | None:
     """A warning naming how far a cut-short recording was inspected: the position of the last
     crop scored in running order (mileage may run either way); None for a whole recording."""
@@ -430,6 +397,7 @@ def run(args: argparse.Namespace) -> int:
             settings.engine.thresholds, run_info.vehicle_id, run_info.camera_id
         )
         for warning in warnings:
+            log.warning("thresholds_warning", warning=warning)
             print(f"edge-replay: warning: {warning}", file=sys.stderr)
         truth = load_truth(args.truth) if args.truth is not None else None
         alarms_out = sys.stderr if args.json else sys.stdout

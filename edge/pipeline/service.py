@@ -29,11 +29,12 @@ import argparse
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from edge.config import ConfigError, StrictModel
 from edge.errors import ConfigInvalidError
 from edge.logs import configure, get_logger
+from edge.pipeline.cpus import parse_cpu_list, plan_cpus
 from edge.pipeline.notify import SystemdNotifier
 from edge.pipeline.settings import (
     EngineSettings,
@@ -44,6 +45,7 @@ from edge.pipeline.settings import (
     Timing,
 )
 from edge.pipeline.supervisor import Supervisor
+from edge.publisher.thresholds import thresholds_warnings
 
 log = get_logger(__name__)
 
@@ -75,9 +77,16 @@ class ServiceConfig(StrictModel):
     engine_cpus: tuple[int, ...] | None = Field(
         None,
         min_length=1,
-        description="CPU cores of the engine alone, e.g. [7]; the other processes run on the "
-        "other cores the service may use (edge.pipeline.cpus). Default: no pinning",
+        description="CPU cores of the engine alone, as a list ([6, 7]) or as taskset writes "
+        'them ("6-7"); the other processes run on the other cores the service may use '
+        "(edge.pipeline.cpus). Default: no pinning",
     )
+
+    @field_validator("engine_cpus", mode="before")
+    @classmethod
+    def _cpu_list_text(cls, value):
+        return parse_cpu_list(value) if isinstance(value, str) else value
+
     max_batch: int = Field(8, ge=1)
     mode: Literal["live", "replay"] = "live"
     pace: Literal["none", "realtime"] = "none"
@@ -160,11 +169,17 @@ class ServiceConfig(StrictModel):
 
 
 def load_config(path: Path) -> ServiceConfig:
-    """Read and resolve a config file; :class:`ConfigInvalidError` names a bad one."""
+    """Read and resolve a config file; :class:`ConfigInvalidError` names a bad one, and
+    ``engine_cpus`` naming cores this machine does not let the service use."""
     try:
-        return ServiceConfig.load(path).resolved(Path(path).resolve().parent)
+        config = ServiceConfig.load(path).resolved(Path(path).resolve().parent)
     except ConfigError as error:
         raise ConfigInvalidError(str(error)) from error
+    try:
+        plan_cpus(config.engine_cpus)
+    except ConfigInvalidError as error:
+        raise ConfigInvalidError(f"{path}: {error}") from error
+    return config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -175,6 +190,8 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     configure("supervisor", config.log_level)
     log.info("service_starting", config=str(args.config), mode=config.mode, source=config.source)
+    for warning in thresholds_warnings(config.thresholds, config.vehicle_id):
+        log.warning("thresholds_warning", warning=warning)
     notifier = SystemdNotifier()
     try:
         outcome = Supervisor(config.pipeline_settings(), notifier=notifier).run()

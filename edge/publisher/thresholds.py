@@ -75,3 +75,49 @@ def now_utc() -> datetime:
     from datetime import timezone
 
     return datetime.now(timezone.utc)
+
+
+def thresholds_warnings(
+    path: str | Path, vehicle_id: str, camera_id: str | None = None
+) -> list[str]:
+    """What makes a thresholds file's false-alarm rate not hold where it is used:
+
+    - it names another vehicle, or another camera than ``camera_id`` (None: not checked): the
+      rate was measured on another camera's crops (``edge calibrate`` fits one for this
+      camera). A file that names neither is taken as this camera's;
+    - its threshold lies outside the scores it was fitted on (edited by hand): above the
+      highest, it raises fewer alarms than the rate says, down to none; below the lowest, an
+      alarm on every crop like those.
+
+    Warnings, not refusals: trying a sister camera's threshold on a new camera's first run, or
+    a threshold set by hand, is a fair thing to do, as long as it is said.
+
+    Raises:
+        ConfigInvalidError: the file cannot be read or does not match its schema.
+    """
+    path = Path(path)
+    fitted = load_thresholds(path)
+    warnings = []
+    other_vehicle = fitted.vehicle_id not in ("", vehicle_id)
+    other_camera = camera_id is not None and fitted.camera_id not in ("", camera_id)
+    if other_vehicle or other_camera:
+        here = f"vehicle {vehicle_id}" + (f", camera {camera_id}" if camera_id else "")
+        warnings.append(
+            f"{path} was fitted for vehicle {fitted.vehicle_id or vehicle_id}, camera "
+            f"{fitted.camera_id or camera_id}; it is used on {here}: its false-alarm rate does "
+            "not carry over"
+        )
+    scores, threshold = fitted.scores, fitted.threshold
+    if threshold > scores.maximum:
+        warnings.append(
+            f"{path}: threshold {threshold:.4g} is above every score it was fitted on "
+            f"({scores.minimum:.4g} to {scores.maximum:.4g}): set by hand, it raises fewer alarms "
+            "than its stated false-alarm rate implies, possibly none"
+        )
+    elif threshold < scores.minimum:
+        warnings.append(
+            f"{path}: threshold {threshold:.4g} is below every score it was fitted on "
+            f"({scores.minimum:.4g} to {scores.maximum:.4g}): set by hand, it raises an alarm on "
+            "nearly every crop"
+        )
+    return warnings
