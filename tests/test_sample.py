@@ -12,6 +12,7 @@ threshold (0.848, fitted for 1 % of the normal crops of the test scenes); the lo
 clip scores 0.900.
 """
 
+import html
 import json
 import subprocess
 from pathlib import Path
@@ -73,7 +74,14 @@ def test_the_sample_cut_short_raises_no_alarm_on_the_clips_cut_in_half(tmp_path)
     data = (SAMPLE / "run.mkv").read_bytes()
     (tmp_path / "run.mkv").write_bytes(data[: len(data) // 2])
     done = subprocess.run(
-        replay_command(str(tmp_path / "run.mkv"), "--json", "--truth", str(SAMPLE / "truth.json")),
+        replay_command(
+            str(tmp_path / "run.mkv"),
+            "--json",
+            "--truth",
+            str(SAMPLE / "truth.json"),
+            "--report",
+            str(tmp_path / "report"),
+        ),
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -98,3 +106,8 @@ def test_the_sample_cut_short_raises_no_alarm_on_the_clips_cut_in_half(tmp_path)
         "coverage gap #1 (other, 4 crops): km 27 + 418.15 m to km 27 + 418.15 m: 4 fastener(s) "
         "cut by the end of the recording, not inspected"
     ) in summary_text(summary)
+    # The report page says the same: the warning, the gap, and the truth over the stretch seen.
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "<strong>Warning:</strong> " + html.escape(warning) in page
+    assert "<p>Coverage gap #1 (other, 4 crops): km 27 + 418.15 m to km 27 + 418.15 m" in page
+    assert "against the truth: 3 of 3 defects found" in page

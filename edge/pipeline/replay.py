@@ -50,7 +50,7 @@ from edge.errors import (
 )
 from edge.logs import configure, get_logger
 from edge.pipeline.cpus import parse_cpu_list
-from edge.pipeline.report import alarm_row, gap_row, read_spooled, write_report
+from edge.pipeline.report import alarm_row, gap_place, gap_row, read_spooled, write_report
 from edge.pipeline.settings import (
     LOCAL_ENDPOINT,
     EngineSettings,
@@ -276,12 +276,6 @@ def truncation_warning(recording: Path, outcome: RunOutcome) -> str | None:
     )
 
 
-def _gap_place(point: dict) -> str:
-    if point["km_post"] is None:
-        return f"{point['along_track_m']:.2f} m along the run"
-    return f"km {point['km_post']} + {point['metres']:.2f} m"
-
-
 def _km(mileage_m: float) -> str:
     km_post = int(mileage_m // 1000)
     return f"{km_post} + {mileage_m - 1000 * km_post:.2f} m"
@@ -359,7 +353,7 @@ def summary_text(summary: dict) -> str:
     for gap in summary["coverage_gaps"]:
         lines.append(
             f"  coverage gap #{gap['seq']} ({gap['reason']}, {gap['crops_dropped']} crops): "
-            f"{_gap_place(gap['start'])} to {_gap_place(gap['end'])}"
+            f"{gap_place(gap['start'])} to {gap_place(gap['end'])}"
             + (f": {gap['detail']}" if gap["detail"] else "")
         )
     if summary.get("truth"):

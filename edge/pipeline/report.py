@@ -25,6 +25,7 @@ import json
 from pathlib import Path
 
 from edge.pipeline.publisher_process import report_image_path
+from edge.pipeline.truth import truth_text
 from edge.publisher.spool import Spool
 
 CSV_FIELDS = (
@@ -101,6 +102,13 @@ def gap_row(body: dict) -> dict:
         "end": point(body["end"]),
         "detail": body["detail"],
     }
+
+
+def gap_place(point: dict) -> str:
+    """One end of a :func:`gap_row` as a railway engineer reads it."""
+    if point["km_post"] is None:
+        return f"{point['along_track_m']:.2f} m along the run"
+    return f"km {point['km_post']} + {point['metres']:.2f} m"
 
 
 def write_report(
@@ -215,6 +223,18 @@ def _html(summary: dict, rows: list[dict], images: list[dict]) -> str:
         + "".join(
             f'<p style="color:#b00"><strong>Warning:</strong> {e(warning)}</p>\n'
             for warning in summary.get("warnings", [])
+        )
+        + "".join(
+            f"<p>Coverage gap #{gap['seq']} ({e(gap['reason'])}, {gap['crops_dropped']} crops): "
+            f"{e(gap_place(gap['start']))} to {e(gap_place(gap['end']))}"
+            + (f": {e(gap['detail'])}" if gap["detail"] else "")
+            + "</p>\n"
+            for gap in summary["coverage_gaps"]
+        )
+        + (
+            f"<pre>{e(truth_text(summary['truth']).strip())}</pre>\n"
+            if summary.get("truth")
+            else ""
         )
         + '<p><img src="scores.png" alt="image score along the mileage"></p>\n'
         '<p><a href="alarms.csv">alarms.csv</a> · <a href="alarms.geojson">alarms.geojson</a> · '
