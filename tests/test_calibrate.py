@@ -1,5 +1,7 @@
 """Fitting alarm thresholds: quantiles by hand, refusals, and the model check on reading."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -99,4 +101,16 @@ def test_a_thresholds_file_with_a_threshold_no_score_can_have_is_refused(tmp_pat
     thresholds = fit_threshold(np.linspace(0, 1, 150), 0.01, "model-a", "crops")
     thresholds.model_copy(update={"threshold": bad}).save(path)
     with pytest.raises(ConfigInvalidError, match="cam0.thresholds.json"):
+        load_thresholds(path, "model-a")
+
+
+@pytest.mark.parametrize(("bad", "shown"), [("0.8", "'0.8'"), (True, "True")])
+def test_a_threshold_that_is_not_a_number_in_the_file_is_refused(tmp_path, bad, shown):
+    path = tmp_path / "cam0.thresholds.json"
+    thresholds = fit_threshold(np.linspace(0, 1, 150), 0.01, "model-a", "crops")
+    data = json.loads(thresholds.to_json())
+    data["threshold"] = bad
+    path.write_text(json.dumps(data))
+    expected = f"cam0.thresholds.json: threshold: Input should be a valid number \\(got {shown}\\)"
+    with pytest.raises(ConfigInvalidError, match=expected):
         load_thresholds(path, "model-a")

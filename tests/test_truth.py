@@ -40,7 +40,8 @@ def test_alarms_find_defects_on_the_same_rail_and_side_within_the_tolerance():
     assert result["normal_fasteners"] == 7
     assert result["false_alarms_per_100_normal"] == pytest.approx(300 / 7)
     text = truth_text(result)
-    assert "2 of 3 defects found" in text and "missed: displaced right rail gauge side" in text
+    assert "2 of 3 defects found" in text
+    assert "missed: displaced right rail gauge side at km 0 + 100.60 m" in text
 
 
 def test_without_mileage_the_along_track_distance_is_used():

@@ -137,9 +137,12 @@ def truth_text(result: dict) -> str:
             "inspected (not recorded, or cut by its end), not counted"
         )
     for defect in result["missed"]:
-        place = defect.get("mileage_m", defect.get("along_track_m"))
+        if defect.get("mileage_m") is not None:
+            km_post = int(defect["mileage_m"] // 1000)
+            place = f"km {km_post} + {defect['mileage_m'] - 1000 * km_post:.2f} m"
+        else:
+            place = f"{defect['along_track_m']:.2f} m along the run"
         lines.append(
-            f"    missed: {defect['state']} {defect['rail']} rail {defect['side']} side "
-            f"at {place} m"
+            f"    missed: {defect['state']} {defect['rail']} rail {defect['side']} side at {place}"
         )
     return "\n".join(lines)

@@ -35,7 +35,10 @@ class Thresholds(StrictModel):
     schema_version: int = 1
     model_id: str = Field(description="the model whose scores this threshold applies to")
     threshold: float = Field(
-        ge=0.0, allow_inf_nan=False, description="alarm when image_score > threshold"
+        ge=0.0,
+        allow_inf_nan=False,
+        strict=True,  # a number: "0.8" or true in the file is a mistake, not a threshold
+        description="alarm when image_score > threshold",
     )
     false_alarm_rate: float = Field(gt=0.0, lt=1.0, description="target, per normal crop")
     crops: int = Field(ge=1, description="normal crops the threshold was fitted on")
