@@ -38,22 +38,17 @@ def test_the_shipped_threshold_was_fitted_for_the_shipped_model():
     assert model.stat().st_size + model.with_suffix(".pt").stat().st_size < 20 * 2**20
 
 
+def replay_with_truth(recording: Path, report: Path) -> subprocess.CompletedProcess:
+    """``edge-replay RECORDING --json`` scored against the sample's truth, with a report."""
+    command = replay_command(
+        str(recording), "--json", "--truth", str(SAMPLE / "truth.json"), "--report", str(report)
+    )
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
 @pytest.mark.slow
 def test_the_sample_replay_finds_every_edited_fastener_and_few_false_alarms(tmp_path):
-    done = subprocess.run(
-        replay_command(
-            str(SAMPLE / "run.mkv"),
-            "--json",
-            "--truth",
-            str(SAMPLE / "truth.json"),
-            "--report",
-            str(tmp_path / "report"),
-        ),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = replay_with_truth(SAMPLE / "run.mkv", tmp_path / "report")
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout)
     truth = summary["truth"]
@@ -73,20 +68,7 @@ def test_the_sample_cut_short_raises_no_alarm_on_the_clips_cut_in_half(tmp_path)
         (tmp_path / name).write_bytes((SAMPLE / name).read_bytes())
     data = (SAMPLE / "run.mkv").read_bytes()
     (tmp_path / "run.mkv").write_bytes(data[: len(data) // 2])
-    done = subprocess.run(
-        replay_command(
-            str(tmp_path / "run.mkv"),
-            "--json",
-            "--truth",
-            str(SAMPLE / "truth.json"),
-            "--report",
-            str(tmp_path / "report"),
-        ),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = replay_with_truth(tmp_path / "run.mkv", tmp_path / "report")
     assert done.returncode == 3, done.stderr[-3000:]
     summary = json.loads(done.stdout)
     assert summary["frames"] == 4 and summary["crops"] == 44
