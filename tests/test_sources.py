@@ -130,6 +130,23 @@ def test_recording_cut_at_70_percent_yields_every_complete_frame_and_warns(tmp_p
     assert ExitStatus.RECORDING_TRUNCATED == 3
 
 
+def test_recording_cut_inside_its_first_frame_fails_saying_it_is_cut_short(tmp_path):
+    full = tmp_path / "full.mkv"
+    write_recording(full, _frames(np.uint16, seed=4), _run(), TRACK)
+    data = full.read_bytes()
+    first_end = _packet_ends(full, data)[0]
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(data[: first_end - 16])
+
+    with pytest.raises(InputUnreadableError) as caught:
+        RecordingSource(cut)
+    message = str(caught.value)
+    assert message.startswith(f"{cut}: ")
+    assert "cut short before its first frame" in message
+    assert f"the file has {first_end - 16}" in message
+    assert caught.value.exit_status == ExitStatus.INPUT_UNREADABLE
+
+
 def test_recording_whose_writer_never_closed_it_counts_as_truncated(tmp_path):
     frames = _frames(np.uint8, seed=3)
     path = tmp_path / "open.mkv"

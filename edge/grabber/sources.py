@@ -211,7 +211,7 @@ class RecordingSource(FrameSource):
         with _opencv_quiet():
             capture = cv2.VideoCapture(str(self.path), cv2.CAP_FFMPEG)
         if not capture.isOpened():
-            raise InputUnreadableError(f"{self.path}: not a video that FFmpeg can read")
+            raise InputUnreadableError(self._unreadable("not a video that FFmpeg can read"))
         self.pixel_format = _fourcc_bytes(capture.get(cv2.CAP_PROP_CODEC_PIXEL_FORMAT))
         self.native_grey = self.pixel_format in GREY_PIXEL_FORMATS
         if self.native_grey:
@@ -220,7 +220,7 @@ class RecordingSource(FrameSource):
         ok, image = capture.read()
         if not ok:
             capture.release()
-            raise InputUnreadableError(f"{self.path}: no frame could be decoded")
+            raise InputUnreadableError(self._unreadable("no frame could be decoded"))
         first = Frame(0, to_grey(image, self.name), capture.get(cv2.CAP_PROP_POS_MSEC) / 1000.0)
         log.info(
             "recording_opened",
@@ -232,6 +232,13 @@ class RecordingSource(FrameSource):
             bit_depth=16 if first.image.dtype == np.uint16 else 8,
         )
         return capture, first
+
+    def _unreadable(self, problem: str) -> str:
+        """The message for a file that gives no frame, saying when the file is cut short."""
+        reason = container_truncation(self.path)
+        if reason is None:
+            return f"{self.path}: {problem}"
+        return f"{self.path}: {problem}; the file is cut short before its first frame ({reason})"
 
     def frames(self) -> Iterator[Frame]:
         if self._capture is not None:
