@@ -208,7 +208,7 @@ def test_thresholds_fitted_elsewhere_or_set_by_hand_are_warned_of(tmp_path):
     path = tmp_path / "cam0.thresholds.json"
     fitted.model_copy(update={"vehicle_id": "TIV-1", "camera_id": "cam0"}).save(path)
     assert thresholds_warnings(path, "TIV-1", "cam0") == []
-    assert thresholds_warnings(path, "TIV-1") == []  # the service knows no camera
+    assert thresholds_warnings(path, "TIV-1") == []  # no camera given: not checked
     [warning] = thresholds_warnings(path, "TIV-1", "cam1")
     assert warning == (
         f"{path} was fitted for vehicle TIV-1, camera cam0; it is used on vehicle TIV-1, camera "

@@ -26,7 +26,7 @@ from pipeline_support import REPO_ROOT, artifacts, edge_command, free_port, matc
 from edge.config import ConfigError
 from edge.errors import ConfigInvalidError
 from edge.pipeline.notify import SystemdNotifier
-from edge.pipeline.service import ServiceConfig, load_config
+from edge.pipeline.service import ServiceConfig, load_config, thresholds_warnings_at_start
 from edge.publisher import Subscriber, validate_message
 from edge.publisher.spool import Spool
 
@@ -261,6 +261,29 @@ def test_the_example_config_loads_and_a_misspelt_key_is_refused(tmp_path):
 
 
 @pytest.mark.timeout(30)
+def test_the_service_warns_of_thresholds_fitted_for_another_camera_than_its_geometry(tmp_path):
+    data = json.loads((REPO_ROOT / "systemd" / "diff-fastener-edge.json").read_text())
+    calibration = REPO_ROOT / "calibration" / "demo-vehicle"
+    geometry = json.loads((calibration / "cam0.geometry.json").read_text())
+    (tmp_path / "cam1.geometry.json").write_text(json.dumps({**geometry, "camera_id": "cam1"}))
+    data.update(geometry="cam1.geometry.json", thresholds=str(calibration / "cam0.thresholds.json"))
+    (tmp_path / "edge.json").write_text(json.dumps(data))
+    [warning] = thresholds_warnings_at_start(load_config(tmp_path / "edge.json"))
+    assert warning.endswith(
+        "was fitted for vehicle demo-vehicle, camera cam0; it is used on vehicle demo-vehicle, "
+        "camera cam1: its false-alarm rate does not carry over"
+    )
+    data["geometry"] = str(calibration / "cam0.geometry.json")
+    (tmp_path / "edge.json").write_text(json.dumps(data))
+    assert thresholds_warnings_at_start(load_config(tmp_path / "edge.json")) == []
+    # A geometry file that cannot be read stops the service at start, naming it.
+    (tmp_path / "cam1.geometry.json").write_text("{")
+    data["geometry"] = "cam1.geometry.json"
+    (tmp_path / "edge.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigInvalidError, match=f"^{tmp_path / 'cam1.geometry.json'}: not valid"):
+        thresholds_warnings_at_start(load_config(tmp_path / "edge.json"))
+
+
 def test_notifier_sends_to_an_abstract_socket_and_halves_the_watchdog_period():
     name = f"edge-test-{os.getpid()}"
     server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

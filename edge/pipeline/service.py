@@ -33,6 +33,7 @@ from pydantic import Field, field_validator
 
 from edge.config import ConfigError, StrictModel
 from edge.errors import ConfigInvalidError
+from edge.grabber.geometry import TrackGeometry
 from edge.logs import configure, get_logger
 from edge.pipeline.cpus import parse_cpu_list, plan_cpus
 from edge.pipeline.notify import SystemdNotifier
@@ -182,6 +183,16 @@ def load_config(path: Path) -> ServiceConfig:
     return config
 
 
+def thresholds_warnings_at_start(config: ServiceConfig) -> list[str]:
+    """:func:`thresholds_warnings` for the service: its camera is the one its geometry file
+    names. Raises :class:`ConfigInvalidError` naming a geometry file that cannot be read."""
+    try:
+        camera_id = TrackGeometry.load(config.geometry).camera_id
+    except ConfigError as error:
+        raise ConfigInvalidError(str(error)) from error
+    return thresholds_warnings(config.thresholds, config.vehicle_id, camera_id)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, required=True, help="the service's JSON config")
 
@@ -190,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     configure("supervisor", config.log_level)
     log.info("service_starting", config=str(args.config), mode=config.mode, source=config.source)
-    for warning in thresholds_warnings(config.thresholds, config.vehicle_id):
+    for warning in thresholds_warnings_at_start(config):
         log.warning("thresholds_warning", warning=warning)
     notifier = SystemdNotifier()
     try:
