@@ -119,6 +119,22 @@ def test_a_missing_telemetry_sidecar_ends_with_status_5(shared, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_run_json_of_other_frame_height_ends_with_status_8_naming_both_files(shared, tmp_path):
+    recording = _copy_recording(shared, tmp_path / "other-height")
+    run_json = recording.with_suffix(".json")
+    run = json.loads(run_json.read_text())
+    run["lines_per_frame"] = LINES_PER_FRAME // 2
+    run_json.write_text(json.dumps(run))
+    status, _, stderr = _replay(shared, recording)
+    assert status == ExitStatus.CONFIG_INVALID == 8
+    assert _message(stderr) == (
+        f"edge-replay: {recording}: its frames have {LINES_PER_FRAME} lines, {run_json} says "
+        f"lines_per_frame {LINES_PER_FRAME // 2}: every fastener would be placed at the wrong "
+        "mileage (is this the run's recording?)"
+    )
+
+
+@pytest.mark.slow
 def test_a_corrupt_model_file_ends_with_status_6(shared, tmp_path):
     model = tmp_path / "engines" / "broken.onnx"
     model.parent.mkdir()

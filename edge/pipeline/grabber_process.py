@@ -58,6 +58,7 @@ from edge.pipeline.settings import GrabberSettings
 from edge.publisher.schema import CoverageGap
 from edge.records import CropTag, Mileage
 from edge.telemetry.position import Positioner
+from edge.telemetry.run import sidecars
 
 log = get_logger(__name__)
 
@@ -200,7 +201,11 @@ class DropGap:
 
 
 def open_positioner(settings: GrabberSettings, source) -> Positioner:
-    """Step 1: the positioner from the sidecars of ``positions_from`` (or the recording)."""
+    """Step 1: the positioner from the sidecars of ``positions_from`` (or the recording).
+
+    Raises :class:`ConfigInvalidError` when the source's frames are not as tall as ``run.json``
+    says (``lines_per_frame``): a file that is not this run's recording, or a wrong sidecar.
+    """
     recording = settings.positions_from
     if recording is None:
         if not isinstance(source, RecordingSource):
@@ -209,7 +214,16 @@ def open_positioner(settings: GrabberSettings, source) -> Positioner:
                 "sidecars); a live GPS and encoder feed is not implemented"
             )
         recording = source.path
-    return Positioner.for_recording(recording)
+    positioner = Positioner.for_recording(recording)
+    frame_shape = getattr(source, "frame_shape", None)
+    lines_per_frame = positioner.run.lines_per_frame
+    if frame_shape is not None and frame_shape[0] != lines_per_frame:
+        raise ConfigInvalidError(
+            f"{source.name}: its frames have {frame_shape[0]} lines, "
+            f"{sidecars(recording).run_json} says lines_per_frame {lines_per_frame}: every "
+            "fastener would be placed at the wrong mileage (is this the run's recording?)"
+        )
+    return positioner
 
 
 def frames_estimate(source) -> int | None:
