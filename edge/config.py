@@ -40,8 +40,15 @@ class StrictModel(BaseModel):
         path = Path(path)
         try:
             text = path.read_text(encoding="utf-8")
+        except IsADirectoryError as error:
+            raise ConfigError(f"{path}: a folder, not a JSON file") from error
         except OSError as error:
             raise ConfigError(f"{path}: cannot read ({error.strerror})") from error
+        except UnicodeDecodeError as error:
+            byte = error.object[error.start]
+            raise ConfigError(
+                f"{path}: not UTF-8 text, so not JSON (byte {error.start} is {byte:#04x})"
+            ) from error
         try:
             json.loads(text)
         except json.JSONDecodeError as error:

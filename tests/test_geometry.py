@@ -36,6 +36,17 @@ def test_a_misspelt_key_names_the_file(tmp_path):
         TrackGeometry.load(path)
 
 
+def test_a_binary_file_or_a_folder_is_refused_naming_it(tmp_path):
+    binary = tmp_path / "cam0.geometry.json"
+    binary.write_bytes(b'{"camera_id": "\xff\xfe"}')
+    with pytest.raises(ConfigError) as caught:
+        TrackGeometry.load(binary)
+    assert str(caught.value) == f"{binary}: not UTF-8 text, so not JSON (byte 15 is 0xff)"
+    with pytest.raises(ConfigError) as caught:
+        TrackGeometry.load(tmp_path)
+    assert str(caught.value) == f"{tmp_path}: a folder, not a JSON file"
+
+
 def test_a_crop_that_cannot_reach_the_rail_is_refused():
     with pytest.raises(ValueError, match="crop_mm"):
         TrackGeometry(mm_per_px=1.0, mm_per_line=1.0, crop_mm=(120.0, 260.0))
