@@ -156,6 +156,28 @@ def test_a_missing_thresholds_file_ends_with_status_8_before_anything_starts(sha
     assert not any('"child_started"' in line for line in stderr)
 
 
+@pytest.mark.parametrize(
+    ("option", "status", "problem"),
+    [
+        ("--thresholds", ExitStatus.CONFIG_INVALID, "a folder, not a thresholds file"),
+        ("--model", ExitStatus.MODEL_INVALID, "a folder; name the model in it"),
+        ("--report", ExitStatus.CONFIG_INVALID, "a file, not a report folder"),
+    ],
+)
+def test_a_folder_for_a_file_or_a_file_for_a_folder_is_named_before_anything_starts(
+    shared, tmp_path, option, status, problem
+):
+    wrong = tmp_path / "wrong"
+    if option == "--report":
+        wrong.write_text("notes\n")
+    else:
+        wrong.mkdir()
+    status_seen, _, stderr = _replay(shared, shared.defects, option, str(wrong))
+    assert status_seen == status
+    assert _message(stderr).startswith(f"edge-replay: {wrong}: {problem}")
+    assert not any('"child_started"' in line for line in stderr)
+
+
 @pytest.mark.slow
 def test_a_publish_port_in_use_ends_with_status_8_naming_it(shared, tmp_path):
     import zmq

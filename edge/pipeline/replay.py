@@ -196,6 +196,8 @@ def build_settings(args: argparse.Namespace, spool: Path) -> PipelineSettings:
         raise InputUnreadableError(f"{recording}: no such recording file")
     run = load_run_info(recording)
     model = args.model or default_model()
+    if model.is_dir():
+        raise ModelInvalidError(f"{model}: a folder; name the model in it (.onnx, .pt or .plan)")
     if not model.exists():
         raise ModelInvalidError(f"{model}: no such model file")
     backend = args.backend or BACKEND_BY_SUFFIX.get(model.suffix)
@@ -205,6 +207,8 @@ def build_settings(args: argparse.Namespace, spool: Path) -> PipelineSettings:
     thresholds = args.thresholds or thresholds_path(args.calibration, run.vehicle_id, run.camera_id)
     given = {"geometry": args.geometry is not None, "thresholds": args.thresholds is not None}
     for path, what in ((geometry, "geometry"), (thresholds, "thresholds")):
+        if path.is_dir():
+            raise ConfigInvalidError(f"{path}: a folder, not a {what} file")
         if not path.is_file() and given[what]:
             raise ConfigInvalidError(f"{path}: the {what} file named by --{what} does not exist")
         if not path.is_file():
@@ -365,6 +369,18 @@ def summary_text(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _make_folder(folder: Path, what: str) -> None:
+    """Make an output folder named on the command line, or say why it cannot be made."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as error:
+        raise ConfigInvalidError(f"{folder}: a file, not a {what} folder") from error
+    except OSError as error:
+        raise ConfigInvalidError(
+            f"{folder}: cannot make the {what} folder ({error.strerror})"
+        ) from error
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -379,12 +395,12 @@ def run(args: argparse.Namespace) -> int:
         spool = temporary / "spool.db"
     try:
         if args.report is not None:
-            args.report.mkdir(parents=True, exist_ok=True)
+            _make_folder(args.report, "report")
             if args.spool is None:  # a report is of one replay: no alarms of an earlier one
                 for old in ("spool.db", "spool.db-wal", "spool.db-shm"):
                     (args.report / old).unlink(missing_ok=True)
                 shutil.rmtree(args.report / "alarms", ignore_errors=True)
-        spool.parent.mkdir(parents=True, exist_ok=True)
+        _make_folder(spool.parent, "spool")
         settings = build_settings(args, spool)
         run_info = load_run_info(args.recording)
         warnings = thresholds_warnings(
