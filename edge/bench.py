@@ -53,11 +53,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edge.errors import UsageError
 from edge.logs import configure, get_logger
 from edge.model.config import PRESETS, ModelConfig, preset
 from edge.model.detector import DiffFastener, to_unit_range
 from edge.model.info import model_info
-from edge.pipeline.replay import positive_int
+from edge.pipeline.replay import non_negative_int, positive_int
 
 log = get_logger(__name__)
 
@@ -95,7 +96,7 @@ def onestep_vs_iterative(config: ModelConfig, repeats: int, iterative_steps: int
     model = random_model(config)
     crop = torch.rand(1, config.in_channels, config.image_size, config.image_size) * 255
     total = config.diffusion.num_timesteps
-    steps = total if iterative_steps <= 0 else min(iterative_steps, total)
+    steps = iterative_steps or total
     generator = torch.Generator().manual_seed(0)
     x0 = to_unit_range(crop)
 
@@ -313,6 +314,35 @@ def engine_alone_rate(
         pin(affinity)
 
 
+def bench_geometry(recording: Path) -> Path:
+    """The geometry file of the recording the pipeline replays, from ``calibration/`` under the
+    current folder, checked with the recording and its ``run.json`` before any timing starts.
+
+    Raises:
+        InputUnreadableError: no such recording (or a folder); TelemetryMissingError: no
+        ``run.json``; ConfigInvalidError: ``run.json`` or the geometry file missing or wrong.
+    """
+    from edge.config import ConfigError
+    from edge.errors import ConfigInvalidError, InputUnreadableError
+    from edge.grabber.geometry import TrackGeometry
+    from edge.telemetry.position import load_run_info
+
+    if recording.is_dir():
+        raise InputUnreadableError(f"{recording}: a folder; name the recording in it (NAME.mkv)")
+    if not recording.is_file():
+        raise InputUnreadableError(f"{recording}: no such recording file")
+    run = load_run_info(recording)
+    geometry = Path("calibration") / run.vehicle_id / f"{run.camera_id}.geometry.json"
+    try:
+        TrackGeometry.load(geometry)
+    except ConfigError as error:
+        raise ConfigInvalidError(
+            f"{error} (the geometry of {recording}'s vehicle and camera, looked for under "
+            "calibration/ in the current folder)"
+        ) from error
+    return geometry
+
+
 def pipeline_vs_engine(
     config: ModelConfig, recording: Path, laps: int, batch: int, repeats: int = 3
 ) -> dict:
@@ -329,13 +359,9 @@ def pipeline_vs_engine(
     """
     from edge.engine.export import export_model
     from edge.evaluate.calibrate import fit_threshold
-    from edge.grabber.geometry import TrackGeometry
     from edge.model.checkpoint import save_checkpoint
-    from edge.telemetry.run import RunInfo
 
-    run = RunInfo.load(recording.with_suffix(".json"))
-    geometry = Path("calibration") / run.vehicle_id / f"{run.camera_id}.geometry.json"
-    TrackGeometry.load(geometry)
+    geometry = bench_geometry(recording)
     layouts = engine_layouts()
     rates = {name: {"pipeline": [], "engine_in_pipeline": [], "engine": []} for name in layouts}
     peak_bytes = peak_anon_bytes = 0
@@ -526,7 +552,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--iterative-steps",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="iterative sampling steps actually run (0: all T; else extrapolated to T)",
     )
@@ -538,7 +564,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--laps",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="times the recording is played (0: enough for about 4 s of pipeline at the "
         "engine's speed, at least 3, so the first frames before the first batch weigh little)",
@@ -555,6 +581,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_bench(args: argparse.Namespace) -> dict:
     config = preset(args.preset)
+    total_steps = config.diffusion.num_timesteps
+    if args.iterative_steps > total_steps:
+        raise UsageError(
+            f"--iterative-steps {args.iterative_steps}: the {args.preset} preset samples "
+            f"{total_steps} steps; give at most {total_steps} (0: all)"
+        )
+    if args.device == "cpu" and not args.skip_pipeline:
+        bench_geometry(Path(args.recording))
     torch.set_num_threads(args.threads)
     info = model_info(config)
     figures: dict = {

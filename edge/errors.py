@@ -31,6 +31,12 @@ class EdgeError(Exception):
     exit_status: ExitStatus = ExitStatus.UNEXPECTED
 
 
+class UsageError(EdgeError):
+    """Options that each parse but do not go together (argparse checks the rest)."""
+
+    exit_status = ExitStatus.USAGE
+
+
 class InputUnreadableError(EdgeError):
     """A recording, image or data file cannot be opened or is not what it claims to be."""
 

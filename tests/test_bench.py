@@ -97,3 +97,49 @@ def test_bench_on_a_gpu_this_machine_lacks_says_why_for_each_backend():
     assert message.startswith("edge bench: bench on cuda: no backend can run here")
     for backend in ("torch_fp32", "torch_fp16", "onnxruntime_fp32"):
         assert f"{backend}: " in message
+
+
+@pytest.mark.parametrize(
+    ("options", "status", "message"),
+    [
+        (["--device", "gpu"], 2, "argument --device: 'gpu' is not cpu, cuda or cuda:N"),
+        (["--laps", "-1"], 2, "argument --laps: -1 is not a whole number of at least 0"),
+        (["--iterative-steps", "-5"], 2, "-5 is not a whole number of at least 0"),
+        (
+            ["--iterative-steps", "100000"],
+            2,
+            "edge bench: --iterative-steps 100000: the tiny preset samples 1000 steps; "
+            "give at most 1000 (0: all)",
+        ),
+        (["--recording", "/nonexistent/run.mkv"], 7, "/nonexistent/run.mkv: no such recording"),
+        (["--recording", "samples/track-demo"], 7, "samples/track-demo: a folder; name the"),
+    ],
+)
+def test_bench_refuses_bad_options_before_timing_anything(options, status, message):
+    done = subprocess.run(
+        [sys.executable, "-m", "edge", "bench", "--preset", "tiny", "--json", *options],
+        cwd=REPO,
+        env={**os.environ, "EDGE_LOG_LEVEL": "info"},  # so that a started step would show
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == status and done.stdout == ""
+    assert message in done.stderr.strip().splitlines()[-1]
+    assert "bench_step" not in done.stderr
+
+
+def test_bench_names_the_missing_run_json_of_its_recording(tmp_path):
+    recording = tmp_path / "run.mkv"
+    recording.write_bytes((REPO / "samples" / "track-demo" / "run.mkv").read_bytes())
+    done = subprocess.run(
+        [sys.executable, "-m", "edge", "bench", "--recording", str(recording), "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 5
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"edge bench: {recording}: run sidecar run.json is missing"
+    )

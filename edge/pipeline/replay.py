@@ -110,6 +110,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """An argparse type: a whole number of at least 0 (0 where an option means "automatic")."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number of at least 0")
+    return value
+
+
 def cpu_list(text: str) -> tuple[int, ...]:
     """An argparse type: a core list such as ``1`` or ``0,2-3`` (:mod:`edge.pipeline.cpus`)."""
     try:
