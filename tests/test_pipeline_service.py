@@ -24,9 +24,14 @@ import pytest
 from pipeline_support import REPO_ROOT, artifacts, edge_command, free_port, match_alarms, start
 
 from edge.config import ConfigError
-from edge.errors import ConfigInvalidError
+from edge.errors import ConfigInvalidError, ExitStatus
 from edge.pipeline.notify import SystemdNotifier
-from edge.pipeline.service import ServiceConfig, load_config, thresholds_warnings_at_start
+from edge.pipeline.service import (
+    ServiceConfig,
+    check_spool,
+    load_config,
+    thresholds_warnings_at_start,
+)
 from edge.publisher import Subscriber, validate_message
 from edge.publisher.spool import Spool
 
@@ -282,6 +287,25 @@ def test_the_service_warns_of_thresholds_fitted_for_another_camera_than_its_geom
     (tmp_path / "edge.json").write_text(json.dumps(data))
     with pytest.raises(ConfigInvalidError, match=f"^{tmp_path / 'cam1.geometry.json'}: not valid"):
         thresholds_warnings_at_start(load_config(tmp_path / "edge.json"))
+
+
+def test_a_spool_path_that_cannot_be_a_spool_stops_the_service_at_start_naming_it(tmp_path):
+    data = json.loads((REPO_ROOT / "systemd" / "diff-fastener-edge.json").read_text())
+    (tmp_path / "spool").write_text("not a folder\n")
+    data["spool_path"] = "spool/alarms.db"
+    (tmp_path / "edge.json").write_text(json.dumps(data))
+    config = load_config(tmp_path / "edge.json")
+    with pytest.raises(ConfigInvalidError) as caught:
+        check_spool(config, tmp_path / "edge.json")
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path / 'spool' / 'alarms.db'}: cannot open the spool (")
+    assert message.endswith(f"(spool_path in {tmp_path / 'edge.json'})")
+    assert caught.value.exit_status == ExitStatus.CONFIG_INVALID
+    # A spool that can be opened is left as a real spool, and opening it again works.
+    data["spool_path"] = "spool-ok/alarms.db"
+    (tmp_path / "edge.json").write_text(json.dumps(data))
+    check_spool(load_config(tmp_path / "edge.json"), tmp_path / "edge.json")
+    assert (tmp_path / "spool-ok" / "alarms.db").stat().st_size > 0
 
 
 def test_notifier_sends_to_an_abstract_socket_and_halves_the_watchdog_period():

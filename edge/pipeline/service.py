@@ -13,8 +13,8 @@ Behaviour, as the unit expects it (``systemd/diff-fastener-edge.service``):
   dropped and reported on ``coverage/``; ``mode: replay`` is lossless (a recording as source).
 - A child that fails more than ``restarts.max_restarts`` times within ``restarts.window_s``
   ends the service with ExitStatus.SERVICE_FAILED (11): systemd's ``Restart=on-failure`` and
-  start limit take over. A user error (corrupt model, missing telemetry, invalid thresholds)
-  ends it at once with that error's status.
+  start limit take over. A user error (corrupt model, missing telemetry, invalid thresholds,
+  a ``spool_path`` that cannot be a spool) ends it at once with that error's status.
 - When a recording given as source ends, the service exits 0 (a truncated recording or one
   without fasteners is logged, not an error here: a restart would only read it again).
 
@@ -46,6 +46,7 @@ from edge.pipeline.settings import (
     Timing,
 )
 from edge.pipeline.supervisor import Supervisor
+from edge.publisher.spool import Spool, SpoolError
 from edge.publisher.thresholds import thresholds_warnings
 
 log = get_logger(__name__)
@@ -193,6 +194,17 @@ def thresholds_warnings_at_start(config: ServiceConfig) -> list[str]:
     return thresholds_warnings(config.thresholds, config.vehicle_id, camera_id)
 
 
+def check_spool(config: ServiceConfig, config_path: Path) -> None:
+    """Open the spool once before any process starts, so that a ``spool_path`` that cannot be
+    a spool (a folder that cannot be made, a file of other bytes) stops the service with
+    :class:`ConfigInvalidError` naming it, not with a publisher that fails until the restart
+    limit (status 11, the status of a spool that fails while the service runs)."""
+    try:
+        Spool(config.spool_path).close()
+    except SpoolError as error:
+        raise ConfigInvalidError(f"{error} (spool_path in {config_path})") from error
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, required=True, help="the service's JSON config")
 
@@ -203,6 +215,7 @@ def run(args: argparse.Namespace) -> int:
     log.info("service_starting", config=str(args.config), mode=config.mode, source=config.source)
     for warning in thresholds_warnings_at_start(config):
         log.warning("thresholds_warning", warning=warning)
+    check_spool(config, args.config)
     notifier = SystemdNotifier()
     try:
         outcome = Supervisor(config.pipeline_settings(), notifier=notifier).run()
