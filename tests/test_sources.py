@@ -15,6 +15,7 @@ from edge.grabber.sources import (
     StillsSource,
     container_truncation,
     open_source,
+    read_image,
 )
 from edge.telemetry.run import RunInfo
 from edge.telemetry.simulate import SimulatedTrack
@@ -225,3 +226,16 @@ def test_camera_construction_errors_name_the_camera():
         open_source("nosuchsrc ! appsink")
     with pytest.raises(InputUnreadableError, match="camera:98"):
         open_source("98")
+
+
+def test_a_missing_image_or_a_folder_is_named_as_such(tmp_path):
+    for path, problem in (
+        (tmp_path / "strip.png", "no such image file"),
+        (tmp_path, "a folder, not an image"),
+    ):
+        with pytest.raises(InputUnreadableError) as caught:
+            read_image(path)
+        assert str(caught.value) == f"{path}: {problem}"
+    (tmp_path / "strip.png").write_text("not a picture\n")
+    with pytest.raises(InputUnreadableError, match="not an image that OpenCV can read"):
+        read_image(tmp_path / "strip.png")

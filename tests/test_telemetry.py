@@ -358,3 +358,26 @@ def test_telemetry_missing_names_the_recording(tmp_path):
     (tmp_path / "run.json").write_text('{"vehicle_id": "v1"}')
     with pytest.raises(ConfigInvalidError, match="run.json"):
         Positioner.for_recording(recording)
+
+
+def test_telemetry_without_a_fix_or_in_a_folder_says_so_naming_the_file(tmp_path):
+    recording = tmp_path / "run.mkv"
+    _run().save(tmp_path / "run.json")
+    void = [nmea(f"GPRMC,12000{k}.00,V,,,,,,,230394,,,N") for k in range(3)]
+    (tmp_path / "run.nmea").write_text("\r\n".join(void) + "\r\n")
+    with pytest.raises(TelemetryMissingError) as caught:
+        Positioner.for_recording(recording)
+    assert str(caught.value) == (
+        f"{recording}: telemetry run.nmea has no usable epoch: 3 epochs in 3 lines, none with a "
+        "GPS fix, a speed or an encoder count"
+    )
+    (tmp_path / "run.nmea").write_text("\r\n".join([*void, "garbage"]) + "\r\n")
+    with pytest.raises(TelemetryMissingError, match="4 lines, .*; lines skipped: {'framing': 1}$"):
+        Positioner.for_recording(recording)
+    (tmp_path / "run.nmea").unlink()
+    (tmp_path / "run.nmea").mkdir()
+    with pytest.raises(TelemetryMissingError) as caught:
+        Positioner.for_recording(recording)
+    assert str(caught.value) == (
+        f"{recording}: {tmp_path / 'run.nmea'} is a folder, not a telemetry file"
+    )

@@ -356,6 +356,9 @@ def read_image(path: str | Path) -> np.ndarray:
     Raises:
         InputUnreadableError: the file is missing or not an image OpenCV can decode.
     """
+    if not Path(path).is_file():
+        problem = "a folder, not an image" if Path(path).is_dir() else "no such image file"
+        raise InputUnreadableError(f"{path}: {problem}")
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if image is None:
         raise InputUnreadableError(f"{path}: not an image that OpenCV can read")

@@ -310,6 +310,9 @@ def load_telemetry(recording: str | Path, run: RunInfo) -> TelemetryLog:
             a speed or an encoder count; the message names the recording.
     """
     paths = sidecars(recording)
+    for path in (paths.telemetry_csv, paths.nmea):
+        if path.is_dir():
+            raise TelemetryMissingError(f"{recording}: {path} is a folder, not a telemetry file")
     try:
         if paths.telemetry_csv.is_file():
             telemetry = read_telemetry_csv(paths.telemetry_csv)
@@ -331,8 +334,10 @@ def load_telemetry(recording: str | Path, run: RunInfo) -> TelemetryLog:
         if e.has_fix or e.speed_m_s is not None or e.encoder_count is not None
     ]
     if not usable:
+        skipped = f"; lines skipped: {dict(telemetry.skipped)}" if telemetry.skipped else ""
         raise TelemetryMissingError(
-            f"{recording}: telemetry {telemetry.source.name} has no usable epoch in "
-            f"{telemetry.lines} lines (skipped: {dict(telemetry.skipped)})"
+            f"{recording}: telemetry {telemetry.source.name} has no usable epoch: "
+            f"{len(telemetry.epochs)} epochs in {telemetry.lines} lines, none with a GPS fix, "
+            f"a speed or an encoder count{skipped}"
         )
     return telemetry
