@@ -93,3 +93,24 @@ def test_the_sample_cut_short_raises_no_alarm_on_the_clips_cut_in_half(tmp_path)
     assert "<strong>Warning:</strong> " + html.escape(warning) in page
     assert "<p>Coverage gap #1 (other, 4 crops): km 27 + 418.15 m to km 27 + 418.15 m" in page
     assert "against the truth: 3 of 3 defects found" in page
+
+
+@pytest.mark.slow
+def test_alarms_past_the_end_of_the_gps_log_are_listed_as_dead_reckoned(tmp_path):
+    """The sample's NMEA cut to its first 1500 bytes: the last three alarms lie beyond its last
+    fix, so their position is carried on from it (quality 6), and the summary says which."""
+    (tmp_path / "run.mkv").write_bytes((SAMPLE / "run.mkv").read_bytes())
+    (tmp_path / "run.json").write_bytes((SAMPLE / "run.json").read_bytes())
+    (tmp_path / "run.nmea").write_bytes((SAMPLE / "run.nmea").read_bytes()[:1500])
+    done = replay_with_truth(tmp_path / "run.mkv", tmp_path / "report")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert [alarm["gps_quality"] for alarm in summary["alarms"]] == [1, 1, 1, 1, 6, 6, 6]
+    assert summary["warnings"] == [
+        "3 of 7 alarms (#5, #6, #7) have a GPS position dead-reckoned from the distance "
+        "travelled, not a fix (no fix near them: a tunnel, or telemetry that ends before the "
+        "recording); their mileage comes from the line count and holds"
+    ]
+    assert summary["truth"]["found"] == 7
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "3 of 7 alarms (#5, #6, #7) have a GPS position dead-reckoned" in page

@@ -182,8 +182,9 @@ class RecordingSource(FrameSource):
     :attr:`truncated` tells whether the file was cut short (module docstring), and a warning
     ``recording_truncated`` naming the file is logged.
 
-    Known limit: a damaged packet in the middle of the file is skipped by FFmpeg without
-    notice, so such a frame is missing from the stream and from :attr:`frames_read`.
+    Known limit: a damaged packet in the middle of the file is skipped or decoded as best it
+    can be by FFmpeg without notice to OpenCV (an FFV1 slice CRC mismatch is only printed on
+    stderr), so such a frame is missing from the stream or holds damaged lines.
 
     Raises:
         InputUnreadableError: at construction, for a missing, empty or non-video file, or one

@@ -63,6 +63,7 @@ from edge.pipeline.truth import inspected_span, load_truth, score_against_truth,
 from edge.publisher.replay import replay_endpoint_for
 from edge.publisher.schema import ALARM_TOPIC, COVERAGE_TOPIC
 from edge.publisher.thresholds import thresholds_path, thresholds_warnings
+from edge.telemetry.epochs import QUALITY_DEAD_RECKONING
 from edge.telemetry.position import load_run_info
 
 log = get_logger(__name__)
@@ -288,6 +289,22 @@ def truncation_warning(recording: Path, outcome: RunOutcome) -> str | None:
     )
 
 
+def dead_reckoning_warning(alarms: list[dict]) -> str | None:
+    """A warning listing the alarms whose GPS position is dead-reckoned, not a fix (a tunnel, or
+    telemetry that ends before the recording: :mod:`edge.telemetry.position`, step 3); None if
+    every alarm has a fix. ``alarms`` are summary rows (:func:`edge.pipeline.report.alarm_row`).
+    """
+    estimated = [alarm for alarm in alarms if alarm["gps_quality"] == QUALITY_DEAD_RECKONING]
+    if not estimated:
+        return None
+    listed = ", ".join(f"#{alarm['seq']}" for alarm in estimated)
+    return (
+        f"{len(estimated)} of {len(alarms)} alarms ({listed}) have a GPS position dead-reckoned "
+        "from the distance travelled, not a fix (no fix near them: a tunnel, or telemetry that "
+        "ends before the recording); their mileage comes from the line count and holds"
+    )
+
+
 def _km(mileage_m: float) -> str:
     km_post = int(mileage_m // 1000)
     return f"{km_post} + {mileage_m - 1000 * km_post:.2f} m"
@@ -444,8 +461,9 @@ def run(args: argparse.Namespace) -> int:
             summary["truth"] = score_against_truth(
                 summary["alarms"], truth, span=inspected_span(outcome.scores)
             )
-        truncated = truncation_warning(args.recording, outcome)
-        summary["warnings"] = warnings + ([truncated] if truncated else [])
+        found = [truncation_warning(args.recording, outcome)]
+        found.append(dead_reckoning_warning(summary["alarms"]))
+        summary["warnings"] = warnings + [warning for warning in found if warning]
         error = _outcome_error(args.recording, outcome)
         summary["exit_status"] = int(error.exit_status) if error else 0
         summary["error"] = str(error) if error else None
