@@ -172,10 +172,19 @@ def test_a_folder_for_a_file_or_a_file_for_a_folder_is_named_before_anything_sta
         wrong.write_text("notes\n")
     else:
         wrong.mkdir()
-    status_seen, _, stderr = _replay(shared, shared.defects, option, str(wrong))
+    status_seen, stdout, stderr = _replay(shared, shared.defects, option, str(wrong), "--json")
     assert status_seen == status
-    assert _message(stderr).startswith(f"edge-replay: {wrong}: {problem}")
+    message = _message(stderr)
+    assert message.startswith(f"edge-replay: {wrong}: {problem}")
     assert not any('"child_started"' in line for line in stderr)
+    # --json: stdout is one JSON document even when there is no summary.
+    assert [json.loads(line) for line in stdout] == [
+        {
+            "recording": str(shared.defects),
+            "exit_status": int(status),
+            "error": message.removeprefix("edge-replay: "),
+        }
+    ]
 
 
 @pytest.mark.slow

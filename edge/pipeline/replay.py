@@ -173,7 +173,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the run's known fasteners (truth.json): count defects found, missed, false alarms",
     )
     parser.add_argument("--spool", type=Path, help="spool file (default: REPORT/ or temporary)")
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON only")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the summary (or the error that stopped it) as one JSON document",
+    )
     parser.add_argument("--realtime", action="store_true", help="pace to the recording")
     parser.add_argument(
         "--heatmap-vmax",
@@ -407,6 +411,23 @@ def _make_folder(folder: Path, what: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """The replay (module docstring). With ``--json``, an error that stops it before there is a
+    summary is printed on stdout too, as ``{"recording", "exit_status", "error"}``, so that a
+    script reading stdout always gets one JSON document."""
+    try:
+        return _replay(args)
+    except EdgeError as error:
+        if args.json:
+            failed = {
+                "recording": str(args.recording),
+                "exit_status": int(error.exit_status),
+                "error": str(error),
+            }
+            print(json.dumps(failed))
+        raise
+
+
+def _replay(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     configure("replay", os.environ.get("EDGE_LOG_LEVEL", "warning"))
@@ -485,8 +506,9 @@ def run(args: argparse.Namespace) -> int:
         if outcome.stopped_by:
             print(f"edge-replay: {summary['error']}", file=sys.stderr)
             return INTERRUPTED
-        if error is not None:
-            raise error
+        if error is not None:  # the summary above says it too
+            print(f"edge-replay: {error}", file=sys.stderr)
+            return int(error.exit_status)
         return 0
     finally:
         if temporary is not None:
