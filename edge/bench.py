@@ -58,7 +58,7 @@ from edge.logs import configure, get_logger
 from edge.model.config import PRESETS, ModelConfig, preset
 from edge.model.detector import DiffFastener, to_unit_range
 from edge.model.info import model_info
-from edge.pipeline.replay import non_negative_int, positive_int
+from edge.pipeline.replay import check_recording_file, non_negative_int, positive_int
 
 log = get_logger(__name__)
 
@@ -323,14 +323,11 @@ def bench_geometry(recording: Path) -> Path:
         ``run.json``; ConfigInvalidError: ``run.json`` or the geometry file missing or wrong.
     """
     from edge.config import ConfigError
-    from edge.errors import ConfigInvalidError, InputUnreadableError
+    from edge.errors import ConfigInvalidError
     from edge.grabber.geometry import TrackGeometry
     from edge.telemetry.position import load_run_info
 
-    if recording.is_dir():
-        raise InputUnreadableError(f"{recording}: a folder; name the recording in it (NAME.mkv)")
-    if not recording.is_file():
-        raise InputUnreadableError(f"{recording}: no such recording file")
+    check_recording_file(recording)
     run = load_run_info(recording)
     geometry = Path("calibration") / run.vehicle_id / f"{run.camera_id}.geometry.json"
     try:

@@ -200,13 +200,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_settings(args: argparse.Namespace, spool: Path) -> PipelineSettings:
-    """The pipeline settings for a replay (module docstring), checking the files it names."""
-    recording: Path = args.recording
+def check_recording_file(recording: Path) -> None:
+    """Raises :class:`InputUnreadableError` when ``recording`` is a folder or no file."""
     if recording.is_dir():
         raise InputUnreadableError(f"{recording}: a folder; name the recording in it (NAME.mkv)")
     if not recording.is_file():
         raise InputUnreadableError(f"{recording}: no such recording file")
+
+
+def build_settings(args: argparse.Namespace, spool: Path) -> PipelineSettings:
+    """The pipeline settings for a replay (module docstring), checking the files it names."""
+    recording: Path = args.recording
+    check_recording_file(recording)
     run = load_run_info(recording)
     model = args.model or default_model()
     if model.is_dir():
@@ -482,8 +487,10 @@ def _replay(args: argparse.Namespace) -> int:
             summary["truth"] = score_against_truth(
                 summary["alarms"], truth, span=inspected_span(outcome.scores)
             )
-        found = [truncation_warning(args.recording, outcome)]
-        found.append(dead_reckoning_warning(summary["alarms"]))
+        found = (
+            truncation_warning(args.recording, outcome),
+            dead_reckoning_warning(summary["alarms"]),
+        )
         summary["warnings"] = warnings + [warning for warning in found if warning]
         error = _outcome_error(args.recording, outcome)
         summary["exit_status"] = int(error.exit_status) if error else 0
