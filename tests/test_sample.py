@@ -14,6 +14,7 @@ clip scores 0.900.
 
 import html
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -114,3 +115,19 @@ def test_alarms_past_the_end_of_the_gps_log_are_listed_as_dead_reckoned(tmp_path
     assert summary["truth"]["found"] == 7
     page = (tmp_path / "report" / "index.html").read_text()
     assert "3 of 7 alarms (#5, #6, #7) have a GPS position dead-reckoned" in page
+
+
+@pytest.mark.slow
+def test_the_publishers_last_counts_are_the_runs_final_counts():
+    """The last ``health/`` heartbeat, sent when the publisher closes (and logged as
+    ``publisher_closed``), carries every frame and crop of the run, not the counts of the last
+    periodic update a second or so before the end."""
+    command = replay_command(str(SAMPLE / "run.mkv"), "--json")
+    env = {**os.environ, "EDGE_LOG_LEVEL": "info"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    logs = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    [closed] = [entry for entry in logs if entry["event"] == "publisher_closed"]
+    assert (closed["frames"], closed["crops_inspected"]) == (summary["frames"], 100)
+    assert closed["alarms_sent"] == len(summary["alarms"]) == 7

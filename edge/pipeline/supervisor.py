@@ -366,18 +366,16 @@ class Supervisor:
             )
         if now >= self._next_counters and self.children["publisher"].ready:
             self._next_counters = now + 1.0
-            grabber = self.children["grabber"]
-            self._send(
-                "publisher",
-                {
-                    "type": "counters",
-                    "counters": {
-                        "frames": grabber.stats.get("frames", 0),
-                        "crops_inspected": self.scored,
-                        "child_restarts": sum(c.restarts for c in self.children.values()),
-                    },
-                },
-            )
+            self._send_counters()
+
+    def _send_counters(self) -> None:
+        """The pipeline's counters, for the publisher's ``health/`` heartbeats."""
+        counters = {
+            "frames": self.children["grabber"].stats.get("frames", 0),
+            "crops_inspected": self.scored,
+            "child_restarts": sum(child.restarts for child in self.children.values()),
+        }
+        self._send("publisher", {"type": "counters", "counters": counters})
 
     def _drain_router(self) -> None:
         while True:
@@ -602,6 +600,8 @@ class Supervisor:
             self.notifier.stopping("failed" if failed else "the source is done")
             self.stop_until = time.monotonic() + self.settings.timing.stop_timeout_s
         for group in (("grabber", "engine"), ("publisher",)):
+            if group == ("publisher",) and self.children["publisher"].ready:
+                self._send_counters()  # so that its last heartbeat holds the final counts
             for name in group:
                 self.children[name].stopping = True
                 self._send(name, {"type": "stop"})
