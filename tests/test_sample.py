@@ -131,3 +131,21 @@ def test_the_publishers_last_counts_are_the_runs_final_counts():
     [closed] = [entry for entry in logs if entry["event"] == "publisher_closed"]
     assert (closed["frames"], closed["crops_inspected"]) == (summary["frames"], 100)
     assert closed["alarms_sent"] == len(summary["alarms"]) == 7
+
+
+@pytest.mark.slow
+def test_a_reader_that_leaves_early_does_not_stop_the_replay_or_its_report(tmp_path):
+    """``edge-replay run.mkv --report DIR | head -1``: stdout closes after the first alarm."""
+    command = replay_command(str(SAMPLE / "run.mkv"), "--report", str(tmp_path / "report"))
+    process = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    first = process.stdout.readline()
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=300) == 0, stderr[-3000:]
+    assert first.startswith("ALARM #1 ")
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr
+    written = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert len(written["alarms"]) == 7
+    assert (tmp_path / "report" / "index.html").is_file()

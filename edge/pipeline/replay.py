@@ -403,6 +403,15 @@ def summary_text(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null once its reader has gone, so that nothing written later (nor
+    Python's flush at exit) raises BrokenPipeError; the summary and alarms stay in the spool
+    and the report."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def _make_folder(folder: Path, what: str) -> None:
     """Make an output folder named on the command line, or say why it cannot be made."""
     try:
@@ -466,8 +475,15 @@ def _replay(args: argparse.Namespace) -> int:
         supervisor: Supervisor | None = None
 
         def on_alarm(ack: dict) -> None:
-            tqdm.write(alarm_line(ack, supervisor.outcome.threshold), file=alarms_out)
-            alarms_out.flush()
+            nonlocal alarms_out
+            if alarms_out is None:
+                return
+            try:
+                tqdm.write(alarm_line(ack, supervisor.outcome.threshold), file=alarms_out)
+                alarms_out.flush()
+            except BrokenPipeError:  # the reader left (`| head`): the run and its report go on
+                alarms_out = None
+                _silence_stdout()
 
         def on_progress(frames: int, crops: int, alarms: int, total: int | None) -> None:
             if total and bar.total != total:
@@ -506,10 +522,10 @@ def _replay(args: argparse.Namespace) -> int:
                 outcome.scores,
                 outcome.threshold,
             )
-        if args.json:
-            print(json.dumps(summary))
-        else:
-            print(summary_text(summary))
+        try:
+            print(json.dumps(summary) if args.json else summary_text(summary), flush=True)
+        except BrokenPipeError:
+            _silence_stdout()
         if outcome.stopped_by:
             print(f"edge-replay: {summary['error']}", file=sys.stderr)
             return INTERRUPTED
