@@ -308,6 +308,23 @@ def test_a_spool_path_that_cannot_be_a_spool_stops_the_service_at_start_naming_i
     assert (tmp_path / "spool-ok" / "alarms.db").stat().st_size > 0
 
 
+def test_the_log_level_is_the_configs_else_the_env_files(tmp_path, monkeypatch):
+    data = json.loads((REPO_ROOT / "systemd" / "diff-fastener-edge.json").read_text())
+    (tmp_path / "edge.json").write_text(json.dumps(data))
+    monkeypatch.setenv("EDGE_LOG_LEVEL", "warning")
+    assert load_config(tmp_path / "edge.json").pipeline_settings().log_level == "warning"
+    monkeypatch.delenv("EDGE_LOG_LEVEL")
+    assert load_config(tmp_path / "edge.json").level() == "info"
+    monkeypatch.setenv("EDGE_LOG_LEVEL", "warning")
+    data["log_level"] = "debug"
+    (tmp_path / "edge.json").write_text(json.dumps(data))
+    assert load_config(tmp_path / "edge.json").pipeline_settings().log_level == "debug"
+    data["log_level"] = "verbose"
+    (tmp_path / "edge.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigInvalidError, match="log_level"):
+        load_config(tmp_path / "edge.json")
+
+
 def test_notifier_sends_to_an_abstract_socket_and_halves_the_watchdog_period():
     name = f"edge-test-{os.getpid()}"
     server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

@@ -26,6 +26,7 @@ twice), change it for a new run.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -105,7 +106,9 @@ class ServiceConfig(StrictModel):
     heatmap_vmax: float = Field(1.0, gt=0)
     timing: Timing = Timing()
     restarts: RestartLimits = RestartLimits()
-    log_level: str = "info"
+    log_level: Literal["debug", "info", "warning", "error"] | None = Field(
+        None, description="every process's level (default: $EDGE_LOG_LEVEL, else info)"
+    )
     runtime_dir: Path | None = Field(None, description="default: $RUNTIME_DIRECTORY or /tmp")
 
     def resolved(self, folder: Path) -> ServiceConfig:
@@ -127,6 +130,11 @@ class ServiceConfig(StrictModel):
         if not source.is_absolute() and (folder / source).exists():
             update["source"] = str(folder / source)
         return self.model_copy(update=update)
+
+    def level(self) -> str:
+        """The log level: ``log_level``, else ``$EDGE_LOG_LEVEL`` (the unit's env file), else
+        info."""
+        return self.log_level or os.environ.get("EDGE_LOG_LEVEL", "info")
 
     def pipeline_settings(self) -> PipelineSettings:
         return PipelineSettings(
@@ -164,7 +172,7 @@ class ServiceConfig(StrictModel):
             ),
             timing=self.timing,
             restarts=self.restarts,
-            log_level=self.log_level,
+            log_level=self.level(),
             runtime_dir=self.runtime_dir,
             engine_cpus=self.engine_cpus,
         )
@@ -211,7 +219,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    configure("supervisor", config.log_level)
+    configure("supervisor", config.level())
     log.info("service_starting", config=str(args.config), mode=config.mode, source=config.source)
     for warning in thresholds_warnings_at_start(config):
         log.warning("thresholds_warning", warning=warning)
