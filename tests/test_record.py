@@ -155,3 +155,78 @@ def test_odd_frame_size_is_refused_and_leaves_no_file(tmp_path):
         mixed = [np.zeros((16, 32), np.uint8), np.zeros((16, 32), np.uint16)]
         write_recording(tmp_path / "run.mkv", mixed, _run(), track)
     assert list(tmp_path.iterdir()) == []
+
+
+_RUN_FLAGS = ["--vehicle-id", "v1", "--line-id", "L1", "--start-km-post", "1"]
+_RUN_FLAGS += ["--direction", "increasing", "--mm-per-line", "1", "--lines-per-frame", "16"]
+_TRACK_FLAGS = ["--start-lat", "52", "--start-lon", "5"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            _TRACK_FLAGS,
+            "--vehicle-id, --line-id, --start-km-post, --direction, --mm-per-line,"
+            " --lines-per-frame are needed without --run-info",
+        ),
+        (
+            ["--run-id", "r1", "--start-km-post", "1", *_TRACK_FLAGS],
+            "--vehicle-id, --line-id, --direction, --mm-per-line, --lines-per-frame"
+            " are needed without --run-info",
+        ),
+        (
+            [*_RUN_FLAGS, *_TRACK_FLAGS, "--speed-kmh", "-5"],
+            "--speed-kmh -5: must be over 0 and at most 500",
+        ),
+        (
+            [*_RUN_FLAGS, *_TRACK_FLAGS, "--start-lat", "95"],
+            "--start-lat 95: must be from -90 to 90",
+        ),
+        (
+            [*_RUN_FLAGS, *_TRACK_FLAGS, "--heading-deg", "360", "--speed-kmh", "600"],
+            "--heading-deg 360: must be at least 0 and under 360;"
+            " --speed-kmh 600: must be over 0 and at most 500",
+        ),
+        (
+            [*_RUN_FLAGS, *_TRACK_FLAGS, "--gps-rate-hz", "0"],
+            "--gps-rate-hz 0: must divide 100: 1, 2, 4, 5, 10, 20, 25, 50 or 100",
+        ),
+        (
+            [*_RUN_FLAGS, *_TRACK_FLAGS, "--start-time-utc", "yesterday"],
+            "--start-time-utc 'yesterday': need an ISO 8601 time with its zone,"
+            " e.g. 2025-03-09T10:00:00Z",
+        ),
+        (
+            [*_RUN_FLAGS, *_TRACK_FLAGS, "--start-time-utc", "2025-03-09T10:00:00"],
+            "--start-time-utc '2025-03-09T10:00:00': need an ISO 8601 time with its zone,"
+            " e.g. 2025-03-09T10:00:00Z",
+        ),
+        ([*_RUN_FLAGS, *_TRACK_FLAGS, "--mm-per-line", "-2"], "--mm-per-line -2: must be over 0"),
+        (
+            [*_RUN_FLAGS, *_TRACK_FLAGS, "--encoder-counts-per-line", "4"],
+            "--encoder-counts-per-line and --mm-per-encoder-count go together",
+        ),
+        (
+            [*_RUN_FLAGS, *_TRACK_FLAGS, "--tunnel", "5-10"],
+            "--tunnel '5-10': need START_M:END_M in along-track metres, e.g. 20:60",
+        ),
+        (
+            [*_RUN_FLAGS, *_TRACK_FLAGS, "--tunnel", "20:60", "--tunnel", "10:5"],
+            "--tunnel '10:5': the start must be before the end",
+        ),
+    ],
+)
+def test_cli_names_the_flag_of_a_missing_or_wrong_value(tmp_path, capsys, flags, message):
+    cv2.imwrite(str(tmp_path / "strip.png"), np.zeros((32, 16), np.uint8))
+    out = tmp_path / "run.mkv"
+    status = main(["record", str(out), "--strip", str(tmp_path / "strip.png"), *flags])
+    assert status == ExitStatus.USAGE
+    printed = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("{")]
+    assert printed == [f"edge record: {message}"]
+    assert list(tmp_path.iterdir()) == [tmp_path / "strip.png"]
+
+
+def test_simulated_track_refuses_a_tunnel_ending_before_it_starts():
+    with pytest.raises(ValueError, match=r"tunnel \(10, 5\): the start must be before the end"):
+        SimulatedTrack(start_lat=0, start_lon=0, heading_deg=0, speed_kmh=10, tunnels=((10, 5),))

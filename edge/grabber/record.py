@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from collections.abc import Iterable, Iterator
@@ -31,6 +32,7 @@ from typing import Literal
 
 import cv2
 import numpy as np
+from pydantic import BaseModel, ValidationError
 
 from edge.config import ConfigError
 from edge.errors import EdgeError, ExitStatus, TelemetryMissingError
@@ -276,17 +278,124 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frame-rate-hz", type=float, help="nominal container frame rate")
 
 
+# Flags of the simulated track whose names are not the field's own.
+_TRACK_FLAGS = {"rate_hz": "--gps-rate-hz", "tunnels": "--tunnel"}
+
+
+def _flag(field: str) -> str:
+    return _TRACK_FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _allowed(model: type[BaseModel], field: str) -> str:
+    """The bounds of a numeric field in words (``from -90 to 90``); '' if it has none."""
+    bounds = {}
+    for constraint in model.model_fields[field].metadata:
+        for kind in ("gt", "ge", "lt", "le"):
+            if getattr(constraint, kind, None) is not None:
+                bounds[kind] = f"{getattr(constraint, kind):g}"
+    if "ge" in bounds and "le" in bounds:
+        return f"from {bounds['ge']} to {bounds['le']}"
+    words = {"gt": "over", "ge": "at least", "lt": "under", "le": "at most"}
+    return " and ".join(f"{words[kind]} {bound}" for kind, bound in bounds.items())
+
+
+def _fields_as_flags(text: str, model: type[BaseModel]) -> str:
+    """``text`` with each field name of ``model`` written as its flag."""
+    fields = model.model_fields
+    return re.sub(r"\b\w+\b", lambda word: _flag(word[0]) if word[0] in fields else word[0], text)
+
+
+def _flag_problems(error: ValidationError, model: type[BaseModel]) -> str:
+    """pydantic's complaints about values that came from flags, as ``--flag VALUE: must be
+    ...``, one after another on one line, in the words of the command line."""
+    problems = []
+    for problem in error.errors(include_url=False):
+        reason = str(problem.get("ctx", {}).get("error", "")) or problem["msg"]
+        if not problem["loc"]:  # a rule across fields: name them as flags
+            problems.append(_fields_as_flags(reason, model))
+            continue
+        field = str(problem["loc"][0])
+        allowed = _allowed(model, field)
+        reason = f"must be {allowed}" if allowed else reason[:1].lower() + reason[1:]
+        problems.append(f"{_flag(field)} {_shown(problem['input'])}: {reason}")
+    return "; ".join(problems)
+
+
+def _start_time(text: str) -> datetime:
+    try:
+        stamp = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        stamp = None
+    if stamp is None or stamp.tzinfo is None:
+        raise ValueError(
+            f"--start-time-utc {text!r}: need an ISO 8601 time with its zone, "
+            "e.g. 2025-03-09T10:00:00Z"
+        )
+    return stamp
+
+
 def _run_info(args: argparse.Namespace, lines_per_frame: int | None) -> RunInfo:
     values = RunInfo.load(args.run_info).model_dump() if args.run_info else {}
     values.update({k: getattr(args, k) for k in _RUN_FLAGS if getattr(args, k) is not None})
-    values.setdefault("lines_per_frame", lines_per_frame)
-    now = datetime.now(timezone.utc).replace(microsecond=0)
-    values.setdefault("start_time_utc", now)
+    if args.start_time_utc is not None:
+        values["start_time_utc"] = _start_time(args.start_time_utc)
+    if values.get("lines_per_frame") is None and lines_per_frame is not None:
+        values["lines_per_frame"] = lines_per_frame
+    values.setdefault("start_time_utc", datetime.now(timezone.utc).replace(microsecond=0))
     values.setdefault("camera_id", "cam0")
     if "run_id" not in values and "vehicle_id" in values:
-        stamp = datetime.fromisoformat(str(values["start_time_utc"]).replace("Z", "+00:00"))
+        stamp = values["start_time_utc"].astimezone(timezone.utc)
         values["run_id"] = f"{values['vehicle_id']}-{stamp:%Y%m%dT%H%M%SZ}"
-    return RunInfo.model_validate(values)
+    # 1. Flags a run.json would have given: all named at once, not one pydantic error each.
+    missing = [
+        _flag(name)
+        for name, field in RunInfo.model_fields.items()
+        if field.is_required() and values.get(name) is None
+    ]
+    if "--vehicle-id" in missing and "--run-id" in missing:
+        missing.remove("--run-id")  # made from --vehicle-id and the start time
+    if missing:
+        raise ValueError(f"{', '.join(missing)} are needed without --run-info")
+    # 2. Values out of range, named as the flags that gave them.
+    try:
+        return RunInfo.model_validate(values)
+    except ValidationError as error:
+        raise ValueError(_flag_problems(error, RunInfo)) from error
+
+
+def _tunnel(text: str) -> tuple[float, float]:
+    """``--tunnel START_M:END_M`` as ``(start_m, end_m)``, the start before the end."""
+    start_m, colon, end_m = text.partition(":")
+    try:
+        tunnel = (float(start_m), float(end_m))
+    except ValueError:
+        tunnel = None
+    if tunnel is None or not colon:
+        raise ValueError(f"--tunnel {text!r}: need START_M:END_M in along-track metres, e.g. 20:60")
+    if not tunnel[0] < tunnel[1]:
+        raise ValueError(f"--tunnel {text!r}: the start must be before the end")
+    return tunnel
+
+
+def _simulated_track(args: argparse.Namespace) -> SimulatedTrack:
+    tunnels = tuple(_tunnel(text) for text in args.tunnel)
+    try:
+        return SimulatedTrack(
+            start_lat=args.start_lat,
+            start_lon=args.start_lon,
+            heading_deg=args.heading_deg,
+            speed_kmh=args.speed_kmh,
+            rate_hz=args.gps_rate_hz,
+            tunnels=tunnels,
+        )
+    except ValidationError as error:
+        raise ValueError(_flag_problems(error, SimulatedTrack)) from error
 
 
 def _record(args: argparse.Namespace) -> RecordingSummary:
@@ -297,18 +406,7 @@ def _record(args: argparse.Namespace) -> RecordingSummary:
     elif args.start_lat is None or args.start_lon is None:
         raise ValueError("give --telemetry FILE, or --start-lat and --start-lon to simulate one")
     else:
-        tunnels = []
-        for text in args.tunnel:
-            start_m, _, end_m = text.partition(":")
-            tunnels.append((float(start_m), float(end_m)))
-        telemetry = SimulatedTrack(
-            start_lat=args.start_lat,
-            start_lon=args.start_lon,
-            heading_deg=args.heading_deg,
-            speed_kmh=args.speed_kmh,
-            rate_hz=args.gps_rate_hz,
-            tunnels=tuple(tunnels),
-        )
+        telemetry = _simulated_track(args)
     if stills is not None:
         frames: Iterable[np.ndarray] = (frame.image for frame in stills)
     else:
@@ -331,7 +429,7 @@ def run(args: argparse.Namespace) -> int:
         return _failed(error, error.exit_status)
     except ConfigError as error:
         return _failed(error, ExitStatus.CONFIG_INVALID)
-    except ValueError as error:  # pydantic's ValidationError too: a flag with a wrong value
+    except ValueError as error:  # a flag with a wrong value, named by _flag_problems
         return _failed(error, ExitStatus.USAGE)
     print(summary.to_json())
     return int(ExitStatus.OK)

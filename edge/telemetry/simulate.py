@@ -38,7 +38,17 @@ class SimulatedTrack(StrictModel):
     def _centisecond_period(cls, value: float) -> float:
         # NMEA times are written to 10 ms; a period that is not whole centiseconds would drift.
         if value <= 0 or abs(100.0 / value - round(100.0 / value)) > 1e-9:
-            raise ValueError("rate_hz must divide 100 (1, 2, 4, 5, 10, 20, 25, 50 or 100)")
+            raise ValueError("must divide 100: 1, 2, 4, 5, 10, 20, 25, 50 or 100")
+        return value
+
+    @field_validator("tunnels")
+    @classmethod
+    def _tunnel_order(cls, value: tuple[tuple[float, float], ...]) -> tuple:
+        for start_m, end_m in value:
+            if not start_m < end_m:
+                raise ValueError(
+                    f"tunnel ({start_m:g}, {end_m:g}): the start must be before the end"
+                )
         return value
 
     @property
