@@ -8,6 +8,7 @@ can cause has a distinct status. The README lists them.
 from __future__ import annotations
 
 from enum import IntEnum
+from pathlib import Path
 
 
 class ExitStatus(IntEnum):
@@ -89,3 +90,65 @@ class ServiceFailedError(EdgeError):
     """The pipeline cannot go on by itself (a child restarted too often); systemd takes over."""
 
     exit_status = ExitStatus.SERVICE_FAILED
+
+
+def check_output_file(path: str | Path, option: str | None = None) -> Path:
+    """``path`` as a :class:`Path` if a file can be written there; checked before the work
+    starts, so a mistyped ``--out`` fails at once and not after minutes of scoring.
+
+    Makes no folder and leaves no file behind. ``option`` (``"--out"``) names the flag in the
+    message.
+
+    Raises:
+        ConfigInvalidError: ``path`` is a folder, or a file cannot be made or written there.
+    """
+    path = Path(path)
+    try:
+        if path.is_dir():
+            named_by = f" ({option} names the file to write)" if option else ""
+            raise ConfigInvalidError(f"{path}: a folder, not a file{named_by}")
+        if path.exists():
+            with path.open("ab"):  # opens for writing without changing a byte
+                pass
+        else:
+            _check_can_create(path, path.parent)
+    except OSError as error:  # e.g. a parent folder this user may not enter
+        raise ConfigInvalidError(f"{path}: cannot be written ({error.strerror})") from error
+    return path
+
+
+def check_output_folder(path: str | Path, option: str | None = None) -> Path:
+    """``path`` as a :class:`Path` if it is a folder, or one can be made there, to write into.
+
+    Raises:
+        ConfigInvalidError: ``path`` is a file, or the folder cannot be made or written.
+    """
+    path = Path(path)
+    try:
+        if path.exists() and not path.is_dir():
+            named_by = f" ({option} names the folder to write into)" if option else ""
+            raise ConfigInvalidError(f"{path}: a file, not a folder{named_by}")
+        _check_can_create(path, path)
+    except OSError as error:
+        raise ConfigInvalidError(f"{path}: cannot be written ({error.strerror})") from error
+    return path
+
+
+def _check_can_create(path: Path, folder: Path) -> None:
+    """Raises :class:`ConfigInvalidError` naming ``path`` unless ``folder``, or its nearest
+    existing parent, takes a new file (tried with a temporary file: permission bits say
+    nothing when running as root, and nothing about /proc or a read-only mount)."""
+    import tempfile
+
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigInvalidError(f"{path}: cannot be written, {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise ConfigInvalidError(
+            f"{path}: cannot be written (no file can be made in {existing}: {error.strerror})"
+        ) from error

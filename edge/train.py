@@ -30,13 +30,14 @@ from typing import Literal
 import cv2
 import numpy as np
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from edge.config import StrictModel
+from edge.config import ConfigError, StrictModel, describe
+from edge.errors import ConfigInvalidError, check_output_folder
 from edge.evaluate.datasets import load_normal_images, load_test_set
 from edge.evaluate.defects import DEFECT_KINDS, ClipBox, make_defect
 from edge.logs import configure, get_logger
@@ -494,25 +495,63 @@ def train(
     return best if best.exists() else out_dir / "last.pt"
 
 
+def even_batch_size(text: str) -> int:
+    """An argparse type: an even whole number of at least 2 (half normal, half synthetic)."""
+    value = int(text)
+    if value < 2 or value % 2:
+        raise argparse.ArgumentTypeError(
+            f"{text} is not an even whole number of at least 2 (half normal, half synthetic)"
+        )
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from edge.pipeline.replay import positive_int
+
     parser.add_argument("data_dir", help="folder of normal crops, or an MVTec category folder")
     parser.add_argument("--config", help="TrainConfig JSON; flags below override it")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="model preset (default edge)")
     parser.add_argument("--out", help="output folder for checkpoints (default runs/train)")
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--steps", type=positive_int)
+    parser.add_argument("--batch-size", type=even_batch_size)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--resume", help="checkpoint (last.pt) to continue from")
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads")
+
+
+class _TrainConfigFile(TrainConfig):
+    """A ``--config`` file: a :class:`TrainConfig` whose data folder may come from the command
+    line instead."""
+
+    data_dir: str | None = None
+
+
+def build_config(config_file: str | None, **overrides) -> TrainConfig:
+    """The :class:`TrainConfig` of a ``--config`` file (or the defaults) with ``overrides``
+    (the flags given, by field name) on top.
+
+    Raises:
+        ConfigInvalidError: the file is missing, unreadable or does not match the schema
+            (the message names it and the key), or the flags do not fit it.
+    """
+    data: dict = {}
+    if config_file is not None:
+        try:
+            data = _TrainConfigFile.load(config_file).model_dump(exclude_unset=True)
+        except ConfigError as error:
+            raise ConfigInvalidError(str(error)) from error
+    data.update(overrides)
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as error:
+        source = f"{config_file} with the flags given" if config_file else "the flags given"
+        raise ConfigInvalidError(f"{source}: {describe(error)}") from error
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    data: dict = {}
-    if args.config:
-        data = json.loads(Path(args.config).read_text())
-    data["data_dir"] = args.data_dir
+    overrides: dict = {"data_dir": args.data_dir}
     if args.preset:
-        data["model"] = json.loads(preset(args.preset).to_json())
+        overrides["model"] = json.loads(preset(args.preset).to_json())
     for flag, key in [
         ("out", "out_dir"),
         ("steps", "steps"),
@@ -521,13 +560,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         ("threads", "num_threads"),
     ]:
         if getattr(args, flag) is not None:
-            data[key] = getattr(args, flag)
-    return TrainConfig.model_validate(data)
+            overrides[key] = getattr(args, flag)
+    return build_config(args.config, **overrides)
 
 
 def run(args: argparse.Namespace) -> int:
     configure("train")
     config = config_from_args(args)
+    check_output_folder(config.out_dir, "--out" if args.out else "out_dir")
     if args.resume:
         read_checkpoint(args.resume)
     best = train(config, resume=args.resume)

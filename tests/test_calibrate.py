@@ -1,6 +1,7 @@
 """Fitting alarm thresholds: quantiles by hand, refusals, and the model check on reading."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,3 +115,61 @@ def test_a_threshold_that_is_not_a_number_in_the_file_is_refused(tmp_path, bad, 
     expected = f"cam0.thresholds.json: threshold: Input should be a valid number \\(got {shown}\\)"
     with pytest.raises(ConfigInvalidError, match=expected):
         load_thresholds(path, "model-a")
+
+
+def _last_error_line(capsys) -> str:
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.timeout(30)
+def test_edge_calibrate_checks_the_out_file_before_scoring(tmp_path, capsys, monkeypatch):
+    from edge.cli import main
+    from edge.evaluate import calibrate
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scored before the --out file was checked")
+
+    monkeypatch.setattr(calibrate, "score_folder", no_scoring)
+    (tmp_path / "crops").mkdir()
+    argv = ["calibrate", "model.pt", str(tmp_path / "crops"), "--out"]
+    assert main([*argv, str(tmp_path)]) == ExitStatus.CONFIG_INVALID
+    assert _last_error_line(capsys) == (
+        f"edge calibrate: {tmp_path}: a folder, not a file (--out names the file to write)"
+    )
+    if Path("/proc").is_dir():
+        assert main([*argv, "/proc/nope/x.json"]) == ExitStatus.CONFIG_INVALID
+        assert _last_error_line(capsys).startswith(
+            "edge calibrate: /proc/nope/x.json: cannot be written (no file can be made in /proc: "
+        )
+    assert not Path("/proc/nope").exists()
+
+
+@pytest.mark.timeout(30)
+def test_edge_calibrate_says_a_folder_is_no_model_and_a_file_no_crop_folder(tmp_path, capsys):
+    import torch
+
+    from edge.cli import main
+    from edge.model import DiffFastener, preset
+    from edge.model.checkpoint import save_checkpoint
+
+    out = str(tmp_path / "cam0.thresholds.json")
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    assert main(["calibrate", str(tmp_path), str(crops), "--out", out]) == ExitStatus.MODEL_INVALID
+    assert _last_error_line(capsys) == (
+        f"edge calibrate: {tmp_path}: a folder, not a checkpoint file (.pt)"
+    )
+    graph_folder = tmp_path / "model.onnx"
+    graph_folder.mkdir()
+    assert (
+        main(["calibrate", str(graph_folder), str(crops), "--out", out]) == ExitStatus.MODEL_INVALID
+    )
+    assert _last_error_line(capsys) == (
+        f"edge calibrate: {graph_folder}: a folder, not an ONNX graph file (.onnx)"
+    )
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "tiny.pt"
+    save_checkpoint(checkpoint, DiffFastener(preset("tiny")).eval())
+    status = main(["calibrate", str(checkpoint), str(checkpoint), "--out", out])
+    assert status == ExitStatus.INPUT_UNREADABLE
+    assert _last_error_line(capsys) == f"edge calibrate: {checkpoint}: a file, not a folder"

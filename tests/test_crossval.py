@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from fastener_images import write_mvtec_test, write_normal_folder
 
+from edge.errors import ExitStatus
 from edge.evaluate.crossval import all_crops, cross_validate
 from edge.model import preset
 from edge.train import TrainConfig
@@ -38,3 +39,47 @@ def test_two_fold_cross_validation(tmp_path):
     assert result["summary"]["image_auroc"]["std"] == pytest.approx(np.std(aurocs))
     assert (tmp_path / "runs" / "fold1" / "last.pt").is_file()
     json.dumps(result)
+
+
+def _last_error_line(capsys) -> str:
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.timeout(30)
+def test_edge_crossval_refuses_too_few_or_too_many_folds_as_usage(tmp_path, capsys):
+    from edge.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["crossval", str(tmp_path), "--folds", "1"])
+    assert stopped.value.code == ExitStatus.USAGE
+    assert _last_error_line(capsys).startswith(
+        "edge crossval: error: argument --folds: 1 is too few folds; the smallest allowed is 2"
+    )
+    root = tmp_path / "crops"
+    write_normal_folder(root / "train" / "good", 3, seed=0)
+    write_mvtec_test(root, 2, seed=1, kinds=("missing",))  # 5 normal and 2 anomalous crops
+    out = tmp_path / "runs"
+    argv = ["crossval", str(root), "--preset", "tiny", "--folds", "6", "--out", str(out)]
+    assert main(argv) == ExitStatus.USAGE
+    assert _last_error_line(capsys) == (
+        f"edge crossval: --folds 6: too many for {root} (5 normal and 2 anomalous crops); at most 5"
+    )
+    assert not out.exists()
+
+
+@pytest.mark.timeout(30)
+def test_edge_crossval_names_a_bad_config_file_and_an_out_that_is_a_file(tmp_path, capsys):
+    from edge.cli import main
+
+    config = tmp_path / "fold.json"
+    config.write_text('{"batch_sise": 4}')
+    assert main(["crossval", str(tmp_path), "--config", str(config)]) == ExitStatus.CONFIG_INVALID
+    assert _last_error_line(capsys) == (
+        f"edge crossval: {config}: batch_sise: Extra inputs are not permitted"
+    )
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    assert main(["crossval", str(tmp_path), "--out", str(taken)]) == ExitStatus.CONFIG_INVALID
+    assert _last_error_line(capsys) == (
+        f"edge crossval: {taken}: a file, not a folder (--out names the folder to write into)"
+    )

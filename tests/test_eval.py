@@ -352,3 +352,79 @@ def test_edge_eval_takes_the_threshold_from_a_calibration_file(tmp_path, tiny_ch
     calibration.write_text('{"thresh": 0.5}')
     with pytest.raises(ConfigInvalidError, match="camera-1.json: no numeric 'threshold'"):
         read_calibration_threshold(calibration)
+
+
+def _last_error_line(capsys) -> str:
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.timeout(60)
+def test_edge_eval_checks_its_output_paths_before_scoring(
+    tmp_path, tiny_checkpoint, capsys, monkeypatch
+):
+    from edge.cli import main
+    from edge.evaluate import run
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scored before the output paths were checked")
+
+    monkeypatch.setattr(run, "evaluate", no_scoring)
+    argv = ["eval", str(tiny_checkpoint[0]), str(_make_mvtec(tmp_path / "clip"))]
+    assert main([*argv, "--csv", str(tmp_path)]) == ExitStatus.CONFIG_INVALID
+    assert _last_error_line(capsys) == (
+        f"edge eval: {tmp_path}: a folder, not a file (--csv names the file to write)"
+    )
+    taken = tmp_path / "taken.png"
+    taken.write_bytes(b"")
+    assert main([*argv, "--heatmaps", str(taken)]) == ExitStatus.CONFIG_INVALID
+    assert _last_error_line(capsys) == (
+        f"edge eval: {taken}: a file, not a folder (--heatmaps names the folder to write into)"
+    )
+
+
+@pytest.mark.timeout(60)
+def test_edge_eval_refuses_a_calibration_fitted_for_another_model(
+    tmp_path, tiny_checkpoint, capsys
+):
+    from edge.cli import main
+
+    checkpoint, model_id = tiny_checkpoint
+    calibration = tmp_path / "cam0.thresholds.json"
+    calibration.write_text(json.dumps({"threshold": 0.5, "model_id": "0123456789ab"}))
+    data = _make_mvtec(tmp_path / "clip", normals=0, goods=2, defects=2)
+    argv = ["eval", str(checkpoint), str(data), "--calibration", str(calibration)]
+    assert main(argv) == ExitStatus.CONFIG_INVALID
+    captured = capsys.readouterr()
+    # The words of edge-replay's refusal (edge.publisher.thresholds.load_thresholds).
+    assert captured.out == "" and captured.err.strip().splitlines()[-1] == (
+        f"edge eval: {calibration}: fitted for model 0123456789ab, not for the model in use "
+        f"({model_id}); run edge calibrate for this model"
+    )
+    assert main([*argv[:-1], str(tmp_path)]) == ExitStatus.CONFIG_INVALID
+    assert _last_error_line(capsys) == (
+        f"edge eval: {tmp_path}: a folder, not a calibration file (.json)"
+    )
+
+
+@pytest.mark.timeout(60)
+def test_edge_eval_names_what_was_given_instead_of_a_checkpoint_or_a_folder(
+    tmp_path, tiny_checkpoint, capsys
+):
+    from edge.cli import main
+
+    data = str(_make_mvtec(tmp_path / "clip", normals=0, goods=1, defects=1))
+    graph = REPO / "engines" / "track-edge.onnx"
+    assert main(["eval", str(graph), data]) == ExitStatus.MODEL_INVALID
+    error = capsys.readouterr().err
+    assert "weights_only" not in error
+    assert error.strip().splitlines()[-1] == (
+        f"edge eval: {graph}: an ONNX graph, not a checkpoint; this command needs the .pt "
+        "checkpoint written by edge train (e.g. runs/NAME/best.pt)"
+    )
+    assert main(["eval", str(tmp_path), data]) == ExitStatus.MODEL_INVALID
+    assert _last_error_line(capsys) == (
+        f"edge eval: {tmp_path}: a folder, not a checkpoint file (.pt)"
+    )
+    checkpoint = str(tiny_checkpoint[0])
+    assert main(["eval", checkpoint, checkpoint]) == ExitStatus.INPUT_UNREADABLE
+    assert _last_error_line(capsys) == f"edge eval: {checkpoint}: a file, not a folder"

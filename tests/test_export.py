@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -217,3 +218,40 @@ def test_metadata_detects_a_replaced_graph(tiny, tmp_path):
     metadata_path(copy).unlink()
     with pytest.raises(ModelInvalidError, match="no metadata"):
         read_metadata(copy)
+
+
+def _last_error_line(capsys) -> str:
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_export_refuses_an_out_it_cannot_write_and_leaves_nothing(tiny, tmp_path, capsys):
+    folder = tmp_path / "engines"
+    folder.mkdir()
+    status = edge_main(["export", str(tiny.checkpoint), "--out", str(folder)])
+    assert status == ExitStatus.CONFIG_INVALID
+    assert _last_error_line(capsys) == (
+        f"edge export: {folder}: a folder, not a file (--out names the file to write)"
+    )
+    assert sorted(tmp_path.iterdir()) == [folder] and list(folder.iterdir()) == []
+    if Path("/proc").is_dir():
+        status = edge_main(["export", str(tiny.checkpoint), "--out", "/proc/nope/x.onnx"])
+        assert status == ExitStatus.CONFIG_INVALID
+        assert _last_error_line(capsys).startswith(
+            "edge export: /proc/nope/x.onnx: cannot be written (no file can be made in /proc: "
+        )
+
+
+def test_export_names_a_graph_or_a_folder_given_as_the_checkpoint(tiny, tmp_path, capsys):
+    out = str(tmp_path / "x.onnx")
+    assert edge_main(["export", str(tiny.onnx), "--out", out]) == ExitStatus.MODEL_INVALID
+    error = capsys.readouterr().err
+    assert "weights_only" not in error
+    assert error.strip().splitlines()[-1] == (
+        f"edge export: {tiny.onnx}: an ONNX graph, not a checkpoint; this command needs the "
+        ".pt checkpoint written by edge train (e.g. runs/NAME/best.pt)"
+    )
+    assert edge_main(["export", str(tmp_path), "--out", out]) == ExitStatus.MODEL_INVALID
+    assert _last_error_line(capsys) == (
+        f"edge export: {tmp_path}: a folder, not a checkpoint file (.pt)"
+    )
+    assert list(tmp_path.iterdir()) == []

@@ -10,7 +10,7 @@ import pytest
 import torch
 from fastener_images import write_normal_folder
 
-from edge.errors import ModelInvalidError
+from edge.errors import ExitStatus, ModelInvalidError
 from edge.model import preset
 from edge.model.checkpoint import (
     load_checkpoint,
@@ -19,6 +19,7 @@ from edge.model.checkpoint import (
     save_checkpoint,
     weights_id,
 )
+from edge.model.config import ModelConfig
 from edge.model.detector import DiffFastener
 from edge.train import TrainConfig, learning_rate_factor, train
 
@@ -199,3 +200,93 @@ def test_tiny_preset_learns_to_find_defects_it_never_saw(tmp_path):
     assert metrics.image_auroc >= 0.9, metrics.to_dict()
     for kind, auroc in metrics.per_defect_image_auroc.items():
         assert auroc >= 0.8, (kind, metrics.to_dict())
+
+
+# --- what edge train says about bad options and files ------------------------------------------
+
+
+def _last_error_line(capsys) -> str:
+    """The last line on stderr (the logs before it are JSON lines)."""
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--steps", "0", "argument --steps: 0 is not a whole number of at least 1"),
+        ("--steps", "-3", "argument --steps: -3 is not a whole number of at least 1"),
+        ("--batch-size", "0", "argument --batch-size: 0 is not an even whole number of at least 2"),
+        ("--batch-size", "3", "argument --batch-size: 3 is not an even whole number of at least 2"),
+        ("--threads", "0", "argument --threads: 0 is not a whole number of at least 1"),
+    ],
+)
+def test_edge_train_refuses_a_bad_number_as_usage(tmp_path, capsys, flag, value, message):
+    from edge.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", str(tmp_path), flag, value])
+    assert stopped.value.code == ExitStatus.USAGE
+    assert _last_error_line(capsys).startswith(f"edge train: error: {message}")
+
+
+@pytest.mark.timeout(30)
+def test_edge_train_names_a_bad_config_file_and_an_out_that_is_a_file(tmp_path, capsys):
+    from edge.cli import main
+
+    data = str(tmp_path)
+    config = tmp_path / "run.json"
+    config.write_text('{"stpes": 3}')
+    assert main(["train", data, "--config", str(config)]) == ExitStatus.CONFIG_INVALID
+    assert (
+        _last_error_line(capsys) == f"edge train: {config}: stpes: Extra inputs are not permitted"
+    )
+    missing = tmp_path / "missing.json"
+    assert main(["train", data, "--config", str(missing)]) == ExitStatus.CONFIG_INVALID
+    assert _last_error_line(capsys) == (
+        f"edge train: {missing}: cannot read (No such file or directory)"
+    )
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    assert main(["train", data, "--out", str(taken)]) == ExitStatus.CONFIG_INVALID
+    assert _last_error_line(capsys) == (
+        f"edge train: {taken}: a file, not a folder (--out names the folder to write into)"
+    )
+    status = main(["train", data, "--out", str(tmp_path / "run"), "--resume", str(tmp_path)])
+    assert status == ExitStatus.MODEL_INVALID
+    assert (
+        _last_error_line(capsys) == f"edge train: {tmp_path}: a folder, not a checkpoint file (.pt)"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_file_keeps_its_values_under_the_flags_given(tmp_path):
+    from edge.train import build_config
+
+    config = tmp_path / "run.json"
+    config.write_text('{"steps": 3, "batch_size": 6, "model": {"preset": "mine", "top_k": 10}}')
+    built = build_config(str(config), data_dir="crops", steps=5)
+    assert (built.data_dir, built.steps, built.batch_size) == ("crops", 5, 6)
+    # As the file alone reads: the model's keys over ModelConfig's defaults.
+    assert built.model == ModelConfig(preset="mine", top_k=10)
+
+
+def test_an_onnx_graph_or_a_folder_is_not_taken_for_a_checkpoint(tmp_path):
+    graph = tmp_path / "track-edge.onnx"
+    graph.write_bytes(b"\x08\x08\x12\x07pytorch")  # how an ONNX protobuf starts
+    with pytest.raises(ModelInvalidError) as refused:
+        read_checkpoint(graph)
+    assert str(refused.value) == (
+        f"{graph}: an ONNX graph, not a checkpoint; this command needs the .pt checkpoint "
+        "written by edge train (e.g. runs/NAME/best.pt)"
+    )
+    with pytest.raises(ModelInvalidError, match="a folder, not a checkpoint file"):
+        read_checkpoint(tmp_path)
+    renamed = tmp_path / "model.pt"
+    renamed.write_bytes(graph.read_bytes())
+    with pytest.raises(ModelInvalidError) as refused:
+        read_checkpoint(renamed)
+    assert "weights_only" not in str(refused.value)
+    assert str(refused.value) == (
+        f"{renamed}: not a checkpoint written by edge train (damaged, or another kind of file)"
+    )

@@ -53,7 +53,7 @@ from edge.engine.metadata import (
     metadata_path,
     write_metadata,
 )
-from edge.errors import EdgeError, ModelInvalidError
+from edge.errors import EdgeError, ModelInvalidError, check_output_file
 from edge.logs import get_logger
 from edge.model.checkpoint import load_checkpoint
 from edge.model.detector import DiffFastener
@@ -184,11 +184,13 @@ def export_model(
     Returns:
         the metadata written.
     Raises:
+        ConfigInvalidError: ``out`` (or its metadata file) cannot be written; checked first.
         ModelInvalidError: the exported graph fails ``onnx.checker`` or the export check.
     """
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ValueError(f"opset must be {MIN_OPSET}..{MAX_OPSET}, got {opset}")
-    out = Path(out)
+    out = check_output_file(out, "--out")
+    check_output_file(metadata_path(out))
     out.parent.mkdir(parents=True, exist_ok=True)
     model = model.to("cpu").float().eval()
     config = model.config
@@ -196,40 +198,43 @@ def export_model(
     crops_spec, output_specs = _tensor_specs(channels, size)
     temporary = out.with_name(out.name + ".tmp")
 
-    # 1. Trace.
-    _trace(model, temporary, opset)
-
-    # 2. Declared shapes and graph metadata.
-    graph = onnx.load(str(temporary))
-    _set_shape(graph.graph.input[0], crops_spec.shape)
-    by_name = {spec.name: spec for spec in output_specs}
-    for output in graph.graph.output:
-        _set_shape(output, by_name[output.name].shape)
-    onnx.helper.set_model_props(
-        graph, {"model_id": model_id, "preset": config.preset, "format": FORMAT}
-    )
-    graph.doc_string = "Diff-Fastener detector: crops [0, 255] -> anomaly_map, image_score"
-
-    # 3. Checker, with strict shape inference.
     try:
-        onnx.checker.check_model(graph, full_check=True)
-    except onnx.checker.ValidationError as error:
-        temporary.unlink(missing_ok=True)
-        raise ModelInvalidError(f"{out}: exported graph fails onnx.checker ({error})") from error
-    onnx.save(graph, str(temporary))
+        # 1. Trace.
+        _trace(model, temporary, opset)
 
-    # 4. ONNX Runtime against torch.
-    differences = _compare_with_torch(model, temporary)
-    for name, limit in CHECK_TOLERANCE.items():
-        if not differences[name] <= limit:
-            temporary.unlink(missing_ok=True)
+        # 2. Declared shapes and graph metadata.
+        graph = onnx.load(str(temporary))
+        _set_shape(graph.graph.input[0], crops_spec.shape)
+        by_name = {spec.name: spec for spec in output_specs}
+        for output in graph.graph.output:
+            _set_shape(output, by_name[output.name].shape)
+        onnx.helper.set_model_props(
+            graph, {"model_id": model_id, "preset": config.preset, "format": FORMAT}
+        )
+        graph.doc_string = "Diff-Fastener detector: crops [0, 255] -> anomaly_map, image_score"
+
+        # 3. Checker, with strict shape inference.
+        try:
+            onnx.checker.check_model(graph, full_check=True)
+        except onnx.checker.ValidationError as error:
             raise ModelInvalidError(
-                f"{out}: ONNX Runtime differs from torch by {differences[name]:.3g} on {name} "
-                f"(limit {limit:g}); the graph was not written"
-            )
+                f"{out}: exported graph fails onnx.checker ({error})"
+            ) from error
+        onnx.save(graph, str(temporary))
 
-    # 5. Graph, then metadata.
-    os.replace(temporary, out)
+        # 4. ONNX Runtime against torch.
+        differences = _compare_with_torch(model, temporary)
+        for name, limit in CHECK_TOLERANCE.items():
+            if not differences[name] <= limit:
+                raise ModelInvalidError(
+                    f"{out}: ONNX Runtime differs from torch by {differences[name]:.3g} on {name} "
+                    f"(limit {limit:g}); the graph was not written"
+                )
+
+        # 5. Graph, then metadata.
+        os.replace(temporary, out)
+    finally:
+        temporary.unlink(missing_ok=True)  # a refused or failed export leaves no .tmp
     metadata = write_metadata(
         out,
         model_id=model_id,

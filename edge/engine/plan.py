@@ -428,6 +428,8 @@ def load_crop_folder(
     import cv2
 
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputUnreadableError(f"{folder}: a file, not a folder of crops")
     if not folder.is_dir():
         raise InputUnreadableError(f"{folder}: no such folder of crops")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.errors import CalibrationRefusedError
+from edge.errors import CalibrationRefusedError, check_output_file
 from edge.logs import configure, get_logger
 from edge.publisher.thresholds import ScoreSummary, Thresholds, now_utc, thresholds_path
 
@@ -120,6 +120,10 @@ def run(args: argparse.Namespace) -> int:
         # No default camera: a forgotten flag must not overwrite another camera's threshold.
         print("edge calibrate: name the camera (--vehicle and --camera) or --out", file=sys.stderr)
         return 2
+    if args.out:
+        out = check_output_file(args.out, "--out")
+    else:
+        out = check_output_file(thresholds_path(args.calibration_dir, args.vehicle, args.camera))
     per_folder = [score_folder(Path(args.model), Path(d), args.backend) for d in args.data_dirs]
     scores = np.concatenate([folder_scores for folder_scores, _ in per_folder])
     model_id = per_folder[0][1]
@@ -130,11 +134,6 @@ def run(args: argparse.Namespace) -> int:
         ", ".join(args.data_dirs),
         vehicle_id=args.vehicle or "",
         camera_id=args.camera or "",
-    )
-    out = (
-        Path(args.out)
-        if args.out
-        else thresholds_path(args.calibration_dir, args.vehicle, args.camera)
     )
     thresholds.save(out)
     log.info(

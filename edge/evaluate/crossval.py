@@ -15,10 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.errors import UsageError, check_output_file, check_output_folder
 from edge.evaluate.datasets import CropSet, load_normal_images, load_test_set, stratified_folds
 from edge.logs import configure, get_logger
 
 log = get_logger(__name__)
+
+MIN_FOLDS = 2
+"""Fewer folds leave nothing to train on, or nothing held out."""
 
 REPORTED = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
 
@@ -54,6 +58,12 @@ def cross_validate(config, folds: int, out_dir: Path) -> dict:
 
     model_config = config.model
     crops = all_crops(Path(config.data_dir), model_config.image_size, model_config.in_channels)
+    normal, anomalous = int(np.sum(crops.labels == 0)), int(np.sum(crops.labels != 0))
+    if folds > max(normal, anomalous):  # stratified: each fold takes crops of each class
+        raise UsageError(
+            f"--folds {folds}: too many for {config.data_dir} ({normal} normal and "
+            f"{anomalous} anomalous crops); at most {max(normal, anomalous)}"
+        )
     results = []
     for fold, (train_index, held_out) in enumerate(
         stratified_folds(crops.labels, folds, config.seed)
@@ -76,30 +86,46 @@ def cross_validate(config, folds: int, out_dir: Path) -> dict:
     return {"folds": results, "summary": summary, "k": folds}
 
 
+def fold_count(text: str) -> int:
+    """An argparse type: a number of folds, at least :data:`MIN_FOLDS`."""
+    value = int(text)
+    if value < MIN_FOLDS:
+        raise argparse.ArgumentTypeError(
+            f"{text} is too few folds; the smallest allowed is {MIN_FOLDS}"
+        )
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from edge.model.config import PRESETS
+    from edge.pipeline.replay import positive_int
+
     parser.add_argument("data_dir", help="MVTec-layout folder (train/good, test/...)")
     parser.add_argument("--config", help="TrainConfig JSON for each fold")
-    parser.add_argument("--preset", help="model preset when no --config (default edge)")
-    parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--steps", type=int)
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), help="model preset when no --config (default edge)"
+    )
+    parser.add_argument("--folds", type=fold_count, default=5, help=f"at least {MIN_FOLDS}")
+    parser.add_argument("--steps", type=positive_int)
     parser.add_argument("--out", default="runs/crossval")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
-    from edge.train import TrainConfig
+    from edge.train import build_config
 
     configure("crossval")
-    data: dict = json.loads(Path(args.config).read_text()) if args.config else {}
-    data["data_dir"] = args.data_dir
+    overrides: dict = {"data_dir": args.data_dir}
     if args.preset:
         from edge.model.config import preset
 
-        data["model"] = json.loads(preset(args.preset).to_json())
+        overrides["model"] = json.loads(preset(args.preset).to_json())
     if args.steps:
-        data["steps"] = args.steps
-    result = cross_validate(TrainConfig.model_validate(data), args.folds, Path(args.out))
-    out = Path(args.out)
+        overrides["steps"] = args.steps
+    config = build_config(args.config, **overrides)
+    out = check_output_folder(args.out, "--out")
+    check_output_file(out / "crossval.json")
+    result = cross_validate(config, args.folds, out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "crossval.json").write_text(json.dumps(result, indent=2) + "\n")
     if args.json:

@@ -164,6 +164,8 @@ def detect_layout(root: str | Path) -> str:
     """``"mvtec"`` when ``root/test`` exists, ``"folders"`` when ``root/normal`` or
     ``root/abnormal`` does; otherwise :class:`InputUnreadableError` naming ``root``."""
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise InputUnreadableError(f"{root}: a file, not a folder")
     if not root.is_dir():
         raise InputUnreadableError(f"{root}: no such folder")
     if (root / "test").is_dir():
@@ -288,6 +290,8 @@ def load_test_set(root: str | Path, image_size: int, in_channels: int) -> CropSe
 def training_folder(root: str | Path) -> Path:
     """Where the normal training images of ``root`` are: ``root/train/good`` or ``root``."""
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise InputUnreadableError(f"{root}: a file, not a folder")
     if not root.is_dir():
         raise InputUnreadableError(f"{root}: no such folder")
     mvtec_train = root / "train" / "good"

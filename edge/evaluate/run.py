@@ -25,7 +25,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from edge.errors import ConfigInvalidError, EdgeError, InputUnreadableError
+from edge.errors import (
+    ConfigInvalidError,
+    EdgeError,
+    InputUnreadableError,
+    check_output_file,
+    check_output_folder,
+)
 from edge.evaluate.baseline import ZScoreBaseline
 from edge.evaluate.datasets import CropSet, load_normal_images, load_test_set
 from edge.evaluate.heatmaps import write_panels
@@ -202,14 +208,22 @@ def evaluate(
     )
 
 
-def read_calibration_threshold(path: str | Path) -> tuple[float, str | None]:
+def read_calibration_threshold(
+    path: str | Path, model_id: str | None = None
+) -> tuple[float, str | None]:
     """The image-score threshold of a calibration JSON file, and the model id it was fitted for.
 
     Reads a top-level ``threshold`` (or ``image_threshold``) number and an optional
     ``model_id``. Provisional: ``edge calibrate`` defines the calibration file; this reader
     takes only those keys and ignores the rest.
+
+    Raises:
+        ConfigInvalidError: the file cannot be read or has no threshold, or it names a model
+            other than ``model_id`` (as :func:`edge.publisher.thresholds.load_thresholds`).
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigInvalidError(f"{path}: a folder, not a calibration file (.json)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as error:
@@ -221,8 +235,14 @@ def read_calibration_threshold(path: str | Path) -> tuple[float, str | None]:
     value = data.get("threshold", data.get("image_threshold"))
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ConfigInvalidError(f"{path}: no numeric 'threshold' (or 'image_threshold') key")
-    model_id = data.get("model_id")
-    return float(value), None if model_id is None else str(model_id)
+    fitted_for = data.get("model_id")
+    fitted_for = None if fitted_for is None else str(fitted_for)
+    if model_id is not None and fitted_for is not None and fitted_for != model_id:
+        raise ConfigInvalidError(
+            f"{path}: fitted for model {fitted_for}, not for the model in use ({model_id}); "
+            "run edge calibrate for this model"
+        )
+    return float(value), fitted_for
 
 
 def write_scores_csv(path: str | Path, result: EvalResult) -> None:
@@ -337,6 +357,13 @@ def _baseline_train_dir(args: argparse.Namespace, payload: dict) -> Path:
 def _run(args: argparse.Namespace) -> int:
     from edge.model.checkpoint import load_checkpoint
 
+    # Outputs first: a path that cannot be written fails now, not after the scoring.
+    if args.csv is not None:
+        check_output_file(args.csv, "--csv")
+    if args.save_baseline is not None:
+        check_output_file(args.save_baseline, "--save-baseline")
+    if args.heatmaps is not None:
+        check_output_folder(args.heatmaps, "--heatmaps")
     model, payload = load_checkpoint(args.checkpoint)
     config = model.config
     model_id = payload.get("model_id")
@@ -347,15 +374,8 @@ def _run(args: argparse.Namespace) -> int:
 
     threshold, threshold_source = args.threshold, "argument"
     if args.calibration is not None:
-        threshold, calibrated_for = read_calibration_threshold(args.calibration)
+        threshold, _ = read_calibration_threshold(args.calibration, model_id)
         threshold_source = "calibration"
-        if calibrated_for is not None and calibrated_for != model_id:
-            log.warning(
-                "calibration_for_other_model",
-                calibration=str(args.calibration),
-                calibration_model_id=calibrated_for,
-                model_id=model_id,
-            )
     if threshold is None:
         threshold_source = "f1_max"
 
@@ -364,6 +384,8 @@ def _run(args: argparse.Namespace) -> int:
     train_dir = None
     if args.baseline:
         train_dir = _baseline_train_dir(args, payload)
+        if train_dir.exists() and not train_dir.is_dir():
+            raise InputUnreadableError(f"{train_dir}: a file, not a folder of normal crops")
         if not train_dir.is_dir():
             raise InputUnreadableError(
                 f"{train_dir}: no such folder; the baseline needs normal training crops "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -22,6 +23,12 @@ from edge.model.config import ModelConfig
 from edge.model.detector import DiffFastener
 
 FORMAT = "diff-fastener-checkpoint/1"
+OTHER_MODEL_FILES = {
+    ".onnx": "an ONNX graph",
+    ".plan": "a TensorRT plan",
+    ".engine": "a TensorRT plan",
+}
+"""Model files that are not checkpoints, by suffix, for a message that says what was given."""
 
 
 def weights_id(state_dict: dict[str, torch.Tensor]) -> str:
@@ -81,10 +88,22 @@ def save_checkpoint(
 def read_checkpoint(path: str | Path) -> dict:
     """The raw checkpoint dict, checked for format; raises :class:`ModelInvalidError`."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelInvalidError(f"{path}: a folder, not a checkpoint file (.pt)")
     if not path.is_file():
         raise ModelInvalidError(f"{path}: no such checkpoint")
+    if path.suffix.lower() in OTHER_MODEL_FILES:
+        raise ModelInvalidError(
+            f"{path}: {OTHER_MODEL_FILES[path.suffix.lower()]}, not a checkpoint; this command "
+            "needs the .pt checkpoint written by edge train (e.g. runs/NAME/best.pt)"
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # Not torch's text: it suggests weights_only=False, which would let the file run code.
+        raise ModelInvalidError(
+            f"{path}: not a checkpoint written by edge train (damaged, or another kind of file)"
+        ) from error
     except Exception as error:  # torch raises several types for a damaged file
         raise ModelInvalidError(f"{path}: not a readable checkpoint ({error})") from error
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

@@ -72,6 +72,8 @@ class OnnxRuntimeBackend(Backend):
                 "fp32 (FP16 runs through the tensorrt or torch backend)"
             )
         model_path = Path(model_path)
+        if model_path.is_dir():
+            raise ModelInvalidError(f"{model_path}: a folder, not an ONNX graph file (.onnx)")
         if not model_path.is_file():
             raise ModelInvalidError(f"{model_path}: no such ONNX graph")
         providers = providers_for(device, ort.get_available_providers())
