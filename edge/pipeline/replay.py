@@ -47,6 +47,7 @@ from edge.errors import (
     ModelInvalidError,
     NoFastenersError,
     RecordingTruncatedError,
+    check_output_folder,
 )
 from edge.logs import configure, get_logger
 from edge.pipeline.cpus import parse_cpu_list
@@ -412,18 +413,6 @@ def _silence_stdout() -> None:
     os.close(devnull)
 
 
-def _make_folder(folder: Path, what: str) -> None:
-    """Make an output folder named on the command line, or say why it cannot be made."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except FileExistsError as error:
-        raise ConfigInvalidError(f"{folder}: a file, not a {what} folder") from error
-    except OSError as error:
-        raise ConfigInvalidError(
-            f"{folder}: cannot make the {what} folder ({error.strerror})"
-        ) from error
-
-
 def run(args: argparse.Namespace) -> int:
     """The replay (module docstring). With ``--json``, an error that stops it before there is a
     summary is printed on stdout too, as ``{"recording", "exit_status", "error"}``, so that a
@@ -455,12 +444,12 @@ def _replay(args: argparse.Namespace) -> int:
         spool = temporary / "spool.db"
     try:
         if args.report is not None:
-            _make_folder(args.report, "report")
+            check_output_folder(args.report, "--report").mkdir(parents=True, exist_ok=True)
             if args.spool is None:  # a report is of one replay: no alarms of an earlier one
                 for old in ("spool.db", "spool.db-wal", "spool.db-shm"):
                     (args.report / old).unlink(missing_ok=True)
                 shutil.rmtree(args.report / "alarms", ignore_errors=True)
-        _make_folder(spool.parent, "spool")
+        check_output_folder(spool.parent, "--spool").mkdir(parents=True, exist_ok=True)
         settings = build_settings(args, spool)
         run_info = load_run_info(args.recording)
         warnings = thresholds_warnings(
