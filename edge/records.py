@@ -18,6 +18,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+IDENTIFIER = r"^[A-Za-z0-9][A-Za-z0-9._:+-]*$"
+"""What a vehicle, run or camera id may be (at most 128 characters): it goes into topics, file
+names and spool keys, so no spaces, slashes or leading dot."""
+
 Rail = Literal["left", "right"]
 Side = Literal["field", "gauge"]
 Direction = Literal["increasing", "decreasing"]

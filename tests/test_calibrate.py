@@ -96,6 +96,20 @@ def test_edge_calibrate_without_a_camera_or_out_file_writes_nothing(tmp_path, ca
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("option", ["--vehicle", "--camera"])
+@pytest.mark.parametrize("bad", ["bad vehicle/..", "../cam0", ".hidden", ""])
+def test_edge_calibrate_refuses_an_id_that_is_no_file_name(tmp_path, capsys, option, bad):
+    from edge.cli import main
+
+    ids = {"--vehicle": "TIV-1", "--camera": "cam0", option: bad}
+    argv = ["calibrate", "model.onnx", str(tmp_path), "--calibration-dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as caught:
+        main([*argv, *(item for pair in ids.items() for item in pair)])
+    assert caught.value.code == 2
+    assert f"argument {option}: {bad!r} is not an id: letters, digits" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("bad", [-0.5, float("nan")])
 def test_a_thresholds_file_with_a_threshold_no_score_can_have_is_refused(tmp_path, bad):
     path = tmp_path / "cam0.thresholds.json"

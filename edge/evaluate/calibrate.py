@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import numpy as np
 from edge.errors import CalibrationRefusedError, check_output_file
 from edge.logs import configure, get_logger
 from edge.publisher.thresholds import ScoreSummary, Thresholds, now_utc, thresholds_path
+from edge.records import IDENTIFIER
 
 log = get_logger(__name__)
 
@@ -93,6 +95,17 @@ def score_folder(model_path: Path, data_dir: Path, backend_name: str | None, bat
         return scores, backend.model_id
 
 
+def identifier(text: str) -> str:
+    """An argparse type: a vehicle or camera id (:data:`edge.records.IDENTIFIER`); it names
+    the file written, so a slash or a leading dot could put it anywhere."""
+    if len(text) > 128 or not re.match(IDENTIFIER, text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an id: letters, digits and . _ : + - only, starting with a letter "
+            "or digit, at most 128 characters"
+        )
+    return text
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="checkpoint (.pt) or exported graph (.onnx)")
     parser.add_argument(
@@ -102,8 +115,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="folder(s) of normal crops not used in training; scores of several are pooled",
     )
     parser.add_argument("--false-alarm-rate", type=float, default=0.01, help="per normal crop")
-    parser.add_argument("--vehicle", help="vehicle id; with --camera names the file written")
-    parser.add_argument("--camera", help="camera id, e.g. cam0")
+    parser.add_argument(
+        "--vehicle", type=identifier, help="vehicle id; with --camera names the file written"
+    )
+    parser.add_argument("--camera", type=identifier, help="camera id, e.g. cam0")
     parser.add_argument("--calibration-dir", default="calibration")
     parser.add_argument(
         "--out", help="file to write (default CALIBRATION_DIR/VEHICLE/CAMERA.thresholds.json)"

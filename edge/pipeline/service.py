@@ -49,18 +49,17 @@ from edge.pipeline.settings import (
 from edge.pipeline.supervisor import Supervisor
 from edge.publisher.spool import Spool, SpoolError
 from edge.publisher.thresholds import thresholds_warnings
+from edge.records import IDENTIFIER
 
 log = get_logger(__name__)
-
-_IDENTIFIER = r"^[A-Za-z0-9][A-Za-z0-9._:+-]*$"
 
 
 class ServiceConfig(StrictModel):
     """The service's configuration file."""
 
-    vehicle_id: str = Field(pattern=_IDENTIFIER, max_length=128)
+    vehicle_id: str = Field(pattern=IDENTIFIER, max_length=128)
     run_id: str = Field(
-        pattern=_IDENTIFIER, max_length=128, description="keep it across restarts within a run"
+        pattern=IDENTIFIER, max_length=128, description="keep it across restarts within a run"
     )
     source: str = Field(description="camera index, GStreamer pipeline, or a recording path")
     positions_from: Path | None = Field(

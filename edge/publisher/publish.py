@@ -67,11 +67,10 @@ from edge.publisher.schema import (
     encode,
 )
 from edge.publisher.spool import Spool, SpooledMessage
-from edge.records import CropTag
+from edge.records import IDENTIFIER, CropTag
 
 log = get_logger(__name__)
 
-_IDENTIFIER = r"^[A-Za-z0-9][A-Za-z0-9._:+-]*$"
 BUILT_IN_COUNTERS = (
     # counters the publisher keeps itself; a pipeline's own counters must use other names
     "alarms_spooled",
@@ -107,9 +106,9 @@ class ScoredCrop:
 class PublisherConfig(StrictModel):
     """Settings of one publisher (one vehicle, one run)."""
 
-    vehicle_id: str = Field(pattern=_IDENTIFIER, max_length=128, description="vehicle id")
+    vehicle_id: str = Field(pattern=IDENTIFIER, max_length=128, description="vehicle id")
     run_id: str = Field(
-        pattern=_IDENTIFIER,
+        pattern=IDENTIFIER,
         max_length=128,
         description="run id; keep it when the publisher restarts within a run",
     )

@@ -26,7 +26,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Literal
 
-from edge.records import CropTag, GpsFix, Mileage
+from edge.records import IDENTIFIER, CropTag, GpsFix, Mileage
 
 if TYPE_CHECKING:
     import numpy as np
@@ -44,7 +44,7 @@ _SCHEMA_FILES = {
     HEALTH_TOPIC: "health.schema.json",
     COVERAGE_TOPIC: "coverage.schema.json",
 }
-_IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]*$")
+_IDENTIFIER = re.compile(IDENTIFIER)
 
 CoverageReason = Literal[
     "engine_behind", "process_restart", "camera_stall", "no_rail_found", "telemetry_lost", "other"
