@@ -57,7 +57,11 @@ def test_the_sample_replay_finds_every_edited_fastener_and_few_false_alarms(tmp_
     assert truth["defects"] == 7
     assert truth["found"] == 7, truth["missed"]
     assert truth["false_alarms"] == [], truth["false_alarms"]
-    assert (tmp_path / "report" / "index.html").is_file()
+    # The report page places and scores each alarm as the printed summary does.
+    page = (tmp_path / "report" / "index.html").read_text()
+    first = summary["alarms"][0]
+    assert f"<td>km 27 + {first['metres']:.2f} m</td>" in page
+    assert f"<td>{first['image_score']:.3f}</td>" in page
 
 
 @pytest.mark.slow

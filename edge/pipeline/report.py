@@ -249,11 +249,11 @@ def _html(summary: dict, rows: list[dict], images: list[dict]) -> str:
             else "<td>-</td>"
             for kind in ("crop", "reconstruction", "heatmap")
         )
-        place = "-" if row["km_post"] is None else f"km {row['km_post']} + {row['metres']:.1f} m"
+        place = "-" if row["km_post"] is None else f"km {row['km_post']} + {row['metres']:.2f} m"
         gps = "-" if row["lat"] is None else f"{row['lat']:.6f}, {row['lon']:.6f}"
         cells.append(
             f"<tr><td>{row['seq']}</td><td>{e(row['rail'])}</td><td>{e(row['side'])}</td>"
-            f"<td>{e(place)}</td><td>{e(gps)}</td><td>{row['image_score']:.4g}</td>"
+            f"<td>{e(place)}</td><td>{e(gps)}</td><td>{row['image_score']:.3f}</td>"
             f"{pictures}</tr>"
         )
     table = (
