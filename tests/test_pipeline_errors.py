@@ -135,6 +135,23 @@ def test_a_run_json_of_other_frame_height_ends_with_status_8_naming_both_files(s
 
 
 @pytest.mark.slow
+def test_a_run_json_of_other_line_pitch_than_the_geometry_ends_with_status_8(shared, tmp_path):
+    recording = _copy_recording(shared, tmp_path / "other-pitch")
+    run_json = recording.with_suffix(".json")
+    run = json.loads(run_json.read_text())
+    run["mm_per_line"] = GEOMETRY.mm_per_line * 10
+    run_json.write_text(json.dumps(run))
+    status, _, stderr = _replay(shared, recording)
+    assert status == ExitStatus.CONFIG_INVALID
+    geometry = shared.detector.calibration / "TIV-test" / "cam0.geometry.json"
+    assert _message(stderr) == (
+        f"edge-replay: {run_json} says mm_per_line {GEOMETRY.mm_per_line * 10:g}, {geometry} "
+        f"says {GEOMETRY.mm_per_line:g}: one of them is wrong, and with it every mileage or "
+        "every crop (they may differ by 2 % at most)"
+    )
+
+
+@pytest.mark.slow
 def test_a_corrupt_model_file_ends_with_status_6(shared, tmp_path):
     model = tmp_path / "engines" / "broken.onnx"
     model.parent.mkdir()

@@ -200,11 +200,17 @@ class DropGap:
         return gap, ids
 
 
-def open_positioner(settings: GrabberSettings, source) -> Positioner:
+LINE_PITCH_TOLERANCE = 0.02
+"""Largest relative difference between ``run.json``'s and the geometry's ``mm_per_line``."""
+
+
+def open_positioner(settings: GrabberSettings, source, geometry: TrackGeometry) -> Positioner:
     """Step 1: the positioner from the sidecars of ``positions_from`` (or the recording).
 
     Raises :class:`ConfigInvalidError` when the source's frames are not as tall as ``run.json``
-    says (``lines_per_frame``): a file that is not this run's recording, or a wrong sidecar.
+    says (``lines_per_frame``): a file that is not this run's recording, or a wrong sidecar; or
+    when ``run.json`` and the geometry file disagree on ``mm_per_line`` by more than
+    :data:`LINE_PITCH_TOLERANCE`: mileages or crop sizes would be wrong.
     """
     recording = settings.positions_from
     if recording is None:
@@ -222,6 +228,13 @@ def open_positioner(settings: GrabberSettings, source) -> Positioner:
             f"{source.name}: its frames have {frame_shape[0]} lines, "
             f"{sidecars(recording).run_json} says lines_per_frame {lines_per_frame}: every "
             "fastener would be placed at the wrong mileage (is this the run's recording?)"
+        )
+    run_pitch, camera_pitch = positioner.run.mm_per_line, geometry.mm_per_line
+    if abs(run_pitch - camera_pitch) > LINE_PITCH_TOLERANCE * camera_pitch:
+        raise ConfigInvalidError(
+            f"{sidecars(recording).run_json} says mm_per_line {run_pitch:g}, "
+            f"{settings.geometry} says {camera_pitch:g}: one of them is wrong, and with it "
+            "every mileage or every crop (they may differ by 2 % at most)"
         )
     return positioner
 
@@ -428,7 +441,7 @@ def run(settings: GrabberSettings, link: ControlLink, context: zmq.Context, fold
             geometry = TrackGeometry.load(settings.geometry)
         except ConfigError as error:
             raise ConfigInvalidError(str(error)) from error
-        positioner = open_positioner(settings, source)
+        positioner = open_positioner(settings, source, geometry)
         finder = FastenerFinder(geometry, positioner.run.direction)
         push = context.socket(zmq.PUSH)
         push.setsockopt(zmq.SNDHWM, _HWM)
