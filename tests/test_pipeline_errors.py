@@ -179,6 +179,7 @@ def test_a_missing_thresholds_file_ends_with_status_8_before_anything_starts(sha
         ("--thresholds", ExitStatus.CONFIG_INVALID, "a folder, not a thresholds file"),
         ("--model", ExitStatus.MODEL_INVALID, "a folder; name the model in it"),
         ("--report", ExitStatus.CONFIG_INVALID, "a file, not a folder (--report names"),
+        ("--spool", ExitStatus.CONFIG_INVALID, "cannot open the spool ("),
     ],
 )
 def test_a_folder_for_a_file_or_a_file_for_a_folder_is_named_before_anything_starts(

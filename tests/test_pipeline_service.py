@@ -28,12 +28,11 @@ from edge.errors import ConfigInvalidError, ExitStatus
 from edge.pipeline.notify import SystemdNotifier
 from edge.pipeline.service import (
     ServiceConfig,
-    check_spool,
     load_config,
     thresholds_warnings_at_start,
 )
 from edge.publisher import Subscriber, validate_message
-from edge.publisher.spool import Spool
+from edge.publisher.spool import Spool, check_spool
 
 UNITS = ("diff-fastener-edge.service", "diff-fastener-edge-engine.service")
 STOP_TIMEOUT_S = 8.0
@@ -296,7 +295,7 @@ def test_a_spool_path_that_cannot_be_a_spool_stops_the_service_at_start_naming_i
     (tmp_path / "edge.json").write_text(json.dumps(data))
     config = load_config(tmp_path / "edge.json")
     with pytest.raises(ConfigInvalidError) as caught:
-        check_spool(config, tmp_path / "edge.json")
+        check_spool(config.spool_path, f"spool_path in {tmp_path / 'edge.json'}")
     message = str(caught.value)
     assert message.startswith(f"{tmp_path / 'spool' / 'alarms.db'}: cannot open the spool (")
     assert message.endswith(f"(spool_path in {tmp_path / 'edge.json'})")
@@ -304,7 +303,7 @@ def test_a_spool_path_that_cannot_be_a_spool_stops_the_service_at_start_naming_i
     # A spool that can be opened is left as a real spool, and opening it again works.
     data["spool_path"] = "spool-ok/alarms.db"
     (tmp_path / "edge.json").write_text(json.dumps(data))
-    check_spool(load_config(tmp_path / "edge.json"), tmp_path / "edge.json")
+    check_spool(load_config(tmp_path / "edge.json").spool_path, "spool_path")
     assert (tmp_path / "spool-ok" / "alarms.db").stat().st_size > 0
 
 

@@ -63,6 +63,7 @@ from edge.pipeline.supervisor import RunOutcome, Supervisor
 from edge.pipeline.truth import inspected_span, load_truth, score_against_truth, truth_text
 from edge.publisher.replay import replay_endpoint_for
 from edge.publisher.schema import ALARM_TOPIC, COVERAGE_TOPIC
+from edge.publisher.spool import check_spool
 from edge.publisher.thresholds import thresholds_path, thresholds_warnings
 from edge.telemetry.epochs import QUALITY_DEAD_RECKONING
 from edge.telemetry.position import load_run_info
@@ -451,6 +452,7 @@ def _replay(args: argparse.Namespace) -> int:
                 shutil.rmtree(args.report / "alarms", ignore_errors=True)
         check_output_folder(spool.parent, "--spool").mkdir(parents=True, exist_ok=True)
         settings = build_settings(args, spool)
+        check_spool(spool, "--spool" if args.spool is not None else "the replay's spool")
         run_info = load_run_info(args.recording)
         warnings = thresholds_warnings(
             settings.engine.thresholds, run_info.vehicle_id, run_info.camera_id

@@ -47,7 +47,7 @@ from edge.pipeline.settings import (
     Timing,
 )
 from edge.pipeline.supervisor import Supervisor
-from edge.publisher.spool import Spool, SpoolError
+from edge.publisher.spool import check_spool
 from edge.publisher.thresholds import thresholds_warnings
 from edge.records import IDENTIFIER
 
@@ -201,17 +201,6 @@ def thresholds_warnings_at_start(config: ServiceConfig) -> list[str]:
     return thresholds_warnings(config.thresholds, config.vehicle_id, camera_id)
 
 
-def check_spool(config: ServiceConfig, config_path: Path) -> None:
-    """Open the spool once before any process starts, so that a ``spool_path`` that cannot be
-    a spool (a folder that cannot be made, a file of other bytes) stops the service with
-    :class:`ConfigInvalidError` naming it, not with a publisher that fails until the restart
-    limit (status 11, the status of a spool that fails while the service runs)."""
-    try:
-        Spool(config.spool_path).close()
-    except SpoolError as error:
-        raise ConfigInvalidError(f"{error} (spool_path in {config_path})") from error
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, required=True, help="the service's JSON config")
 
@@ -222,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
     log.info("service_starting", config=str(args.config), mode=config.mode, source=config.source)
     for warning in thresholds_warnings_at_start(config):
         log.warning("thresholds_warning", warning=warning)
-    check_spool(config, args.config)
+    check_spool(config.spool_path, f"spool_path in {args.config}")
     notifier = SystemdNotifier()
     try:
         outcome = Supervisor(config.pipeline_settings(), notifier=notifier).run()

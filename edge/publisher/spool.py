@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from edge.errors import EdgeError, ExitStatus
+from edge.errors import ConfigInvalidError, EdgeError, ExitStatus
 from edge.logs import get_logger
 from edge.publisher.schema import ALARM_TOPIC, SEQUENCED_TOPICS, RunInfo
 
@@ -355,3 +355,15 @@ def _take(rows: sqlite3.Cursor, max_bytes: int | None) -> list[SpooledMessage]:
     finally:
         rows.close()
     return taken
+
+
+def check_spool(path: str | Path, named_by: str) -> None:
+    """Open the spool at ``path`` once before any process starts, so that a path that cannot be
+    a spool (a folder, a file of other bytes, a place that cannot be written) stops the command
+    with :class:`ConfigInvalidError` (status 8) naming it and ``named_by`` (the option or config
+    key), not with a publisher that fails until the restart limit (status 11, the status of a
+    spool that fails while the pipeline runs)."""
+    try:
+        Spool(path).close()
+    except SpoolError as error:
+        raise ConfigInvalidError(f"{error} ({named_by})") from error
