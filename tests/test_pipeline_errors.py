@@ -223,3 +223,10 @@ def test_a_publish_port_in_use_ends_with_status_8_naming_it(shared, tmp_path):
     assert status == ExitStatus.CONFIG_INVALID == 8
     assert f"publish endpoint {endpoint}: cannot bind" in _message(stderr)
     assert not any('"child_restarting"' in line for line in stderr)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+def test_a_heatmap_scale_that_is_no_positive_number_is_a_usage_error(shared, value):
+    status, _, stderr = _replay(shared, shared.defects, "--heatmap-vmax", value)
+    assert status == ExitStatus.USAGE
+    assert f"argument --heatmap-vmax: {value} is not a number over 0" in stderr[-1]

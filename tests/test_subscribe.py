@@ -296,3 +296,18 @@ def test_edge_subscribe_refuses_an_endpoint_it_cannot_connect_to(endpoint):
     _, stderr = child.communicate(timeout=30)
     assert child.returncode == 2
     assert f"{endpoint!r} is not an endpoint to connect to" in stderr
+
+
+def test_edge_subscribe_refuses_a_bad_replay_endpoint_or_a_file_for_heatmaps(tmp_path):
+    child = _edge_subscribe("tcp://127.0.0.1:5590", "--replay", "nonsense")
+    _, stderr = child.communicate(timeout=30)
+    assert child.returncode == 2
+    assert "'nonsense' is not an endpoint to connect to" in stderr
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a folder\n")
+    child = _edge_subscribe("tcp://127.0.0.1:5590", "--heatmaps", str(notes))
+    _, stderr = child.communicate(timeout=30)
+    assert child.returncode == 8
+    assert stderr.strip().splitlines()[-1] == (
+        f"edge subscribe: {notes}: a file, not a folder (--heatmaps names the folder to write into)"
+    )

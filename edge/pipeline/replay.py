@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -113,6 +114,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number over 0."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a number over 0")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     """An argparse type: a whole number of at least 0 (0 where an option means "automatic")."""
     value = int(text)
@@ -183,7 +192,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--realtime", action="store_true", help="pace to the recording")
     parser.add_argument(
         "--heatmap-vmax",
-        type=float,
+        type=positive_float,
         default=1.0,
         help="anomaly-map value drawn full red (1 for Diff-Fastener's probabilities)",
     )

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import zmq
 
-from edge.errors import EdgeError
+from edge.errors import EdgeError, check_output_folder
 from edge.logs import get_logger
 from edge.publisher import keys as curve_keys
 from edge.publisher.replay import (
@@ -439,13 +439,14 @@ def run(args: argparse.Namespace) -> int:
     if args.from_seq < 1:
         print("edge subscribe: --from-seq starts at 1", file=sys.stderr)
         return 2
-    if not valid_connect_endpoint(args.endpoint):
-        print(
-            f"edge subscribe: {args.endpoint!r} is not an endpoint to connect to "
-            "(tcp://HOST:PORT with a port from 1 to 65535, or ipc://PATH)",
-            file=sys.stderr,
-        )
-        return 2
+    for endpoint in (args.endpoint, args.replay):
+        if endpoint is not None and not valid_connect_endpoint(endpoint):
+            print(
+                f"edge subscribe: {endpoint!r} is not an endpoint to connect to "
+                "(tcp://HOST:PORT with a port from 1 to 65535, or ipc://PATH)",
+                file=sys.stderr,
+            )
+            return 2
     replay = None if args.no_replay else args.replay or replay_endpoint_for(args.endpoint)
     if args.server_key is not None:
         try:
@@ -457,7 +458,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"edge subscribe: {error}", file=sys.stderr)
             return int(error.exit_status)
     if args.heatmaps is not None:
-        args.heatmaps.mkdir(parents=True, exist_ok=True)
+        try:
+            check_output_folder(args.heatmaps, "--heatmaps").mkdir(parents=True, exist_ok=True)
+        except EdgeError as error:
+            print(f"edge subscribe: {error}", file=sys.stderr)
+            return int(error.exit_status)
     stop = threading.Event()
     previous = {
         signum: signal.signal(signum, lambda *_: stop.set())
