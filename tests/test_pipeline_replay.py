@@ -200,6 +200,7 @@ def test_report_folder_holds_the_alarms(defects_run):
     over = sorted(int(row["seq"]) for row in crops if float(row["score"]) > threshold)
     assert over == [a["seq"] for a in alarms]
     assert all(row["seq"] == "" for row in crops if float(row["score"]) <= threshold)
+    assert {row["scored"] for row in crops} == {"True"}
     geojson = json.loads((report / "alarms.geojson").read_text(encoding="utf-8"))
     assert geojson["type"] == "FeatureCollection"
     assert len(geojson["features"]) == len(alarms)

@@ -113,8 +113,9 @@ def test_alarms_past_the_end_of_the_gps_log_are_listed_as_dead_reckoned(tmp_path
     assert [alarm["gps_quality"] for alarm in summary["alarms"]] == [1, 1, 1, 1, 6, 6, 6]
     assert summary["warnings"] == [
         "3 of 7 alarms (#5, #6, #7) have a GPS position dead-reckoned from the distance "
-        "travelled, not a fix (no fix near them: a tunnel, or telemetry that ends before the "
-        "recording); their mileage comes from the line count and holds"
+        "travelled, not a fix (no fix near them: a tunnel, telemetry that ends before the "
+        "recording, or a start_time_utc in run.json far from the telemetry's times, logged as "
+        "telemetry_far_from_run_start); their mileage comes from the line count and holds"
     ]
     assert summary["truth"]["found"] == 7
     page = (tmp_path / "report" / "index.html").read_text()

@@ -320,8 +320,10 @@ def dead_reckoning_warning(alarms: list[dict]) -> str | None:
     listed = ", ".join(f"#{alarm['seq']}" for alarm in estimated)
     return (
         f"{len(estimated)} of {len(alarms)} alarms ({listed}) have a GPS position dead-reckoned "
-        "from the distance travelled, not a fix (no fix near them: a tunnel, or telemetry that "
-        "ends before the recording); their mileage comes from the line count and holds"
+        "from the distance travelled, not a fix (no fix near them: a tunnel, telemetry that "
+        "ends before the recording, or a start_time_utc in run.json far from the telemetry's "
+        "times, logged as telemetry_far_from_run_start); their mileage comes from the line "
+        "count and holds"
     )
 
 

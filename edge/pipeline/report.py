@@ -11,9 +11,10 @@ The report folder:
   alarms marked;
 - ``alarms.csv`` and ``alarms.geojson`` (one Point per alarm, ``[lon, lat]``; null geometry
   where the alarm has no GPS position) with the same properties;
-- ``crops.csv``: every crop scored, in along-track order, with its rail, side, mileage, score
-  and alarm sequence number (empty when not an alarm), to compare runs over the same line or
-  to see what another threshold would have raised;
+- ``crops.csv``: every crop, in along-track order, with its rail, side, mileage, score,
+  ``scored`` (False where the model gave no usable score, e.g. NaN: that crop was not
+  inspected) and alarm sequence number (empty when not an alarm), to compare runs over the same
+  line or to see what another threshold would have raised;
 - ``summary.json``: the summary ``edge-replay --json`` prints.
 """
 
@@ -59,7 +60,16 @@ def read_spooled(spool_path: Path, vehicle_id: str, run_id: str, topic: str) -> 
     return out
 
 
-CROP_CSV_FIELDS = ("crop_id", "rail", "side", "along_track_m", "mileage_m", "score", "ok", "seq")
+CROP_CSV_FIELDS = (
+    "crop_id",
+    "rail",
+    "side",
+    "along_track_m",
+    "mileage_m",
+    "score",
+    "scored",
+    "seq",
+)
 
 
 def alarm_row(body: dict) -> dict:
@@ -154,7 +164,7 @@ def _write_csv(path: Path, rows: list[dict], fields: tuple[str, ...] = CSV_FIELD
 
 
 def _write_crops_csv(path: Path, scores: list[dict]) -> None:
-    rows = [{"crop_id": ack["id"], **ack} for ack in scores]
+    rows = [{"crop_id": ack["id"], "scored": ack["ok"], **ack} for ack in scores]
     rows.sort(key=lambda row: (row["along_track_m"], row["crop_id"]))
     _write_csv(path, rows, CROP_CSV_FIELDS)
 
