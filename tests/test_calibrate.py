@@ -187,3 +187,74 @@ def test_edge_calibrate_says_a_folder_is_no_model_and_a_file_no_crop_folder(tmp_
     status = main(["calibrate", str(checkpoint), str(checkpoint), "--out", out])
     assert status == ExitStatus.INPUT_UNREADABLE
     assert _last_error_line(capsys) == f"edge calibrate: {checkpoint}: a file, not a folder"
+
+
+def _no_scoring(*args, **kwargs):
+    raise AssertionError("scored before the folders were checked")
+
+
+@pytest.mark.timeout(30)
+def test_edge_calibrate_refuses_a_folder_read_as_its_training_split(tmp_path, capsys, monkeypatch):
+    from edge.cli import main
+    from edge.evaluate import calibrate
+
+    monkeypatch.setattr(calibrate, "score_folder", _no_scoring)
+    # The layout of edge prepare-crops, and an MVTec AD category without a holdout.
+    data, category = tmp_path / "data", tmp_path / "bottle"
+    for folder in ("train/good", "test/good", "holdout/test/good"):
+        (data / folder).mkdir(parents=True)
+    for folder in ("train/good", "test/good"):
+        (category / folder).mkdir(parents=True)
+    out = ["--out", str(tmp_path / "cam0.thresholds.json")]
+    held_out = f"{data}/holdout/test/good or {data}/test/good"
+    for given, train, instead in [
+        (data, data / "train/good", held_out),
+        (data / "train" / "good", data / "train/good", held_out),
+        (category, category / "train/good", f"{category}/test/good"),
+    ]:
+        assert main(["calibrate", "model.pt", str(given), *out]) == ExitStatus.USAGE
+        assert _last_error_line(capsys) == (
+            f"edge calibrate: {given}: its normal crops would come from {train}, the training "
+            f"split; give normal crops not used in training: {instead}"
+        )
+    lone = tmp_path / "crops" / "train" / "good"
+    lone.mkdir(parents=True)
+    assert main(["calibrate", "model.pt", str(lone), *out]) == ExitStatus.USAGE
+    assert _last_error_line(capsys) == (
+        f"edge calibrate: {lone}: its normal crops would come from {lone}, the training split; "
+        "give a folder of normal crops not used in training"
+    )
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["bottle", "crops", "data"]
+
+    # The held-out folders are taken.
+    def scores(model_path, data_dir, backend_name):
+        return np.linspace(0.0, 1.0, 60), "model-a"
+
+    monkeypatch.setattr(calibrate, "score_folder", scores)
+    argv = ["calibrate", "model.pt", str(data / "holdout/test/good"), str(category / "test/good")]
+    assert main([*argv, *out]) == 0
+    assert Thresholds.load(tmp_path / "cam0.thresholds.json").crops == 120
+
+
+@pytest.mark.timeout(30)
+def test_edge_calibrate_refuses_a_folder_given_twice(tmp_path, capsys, monkeypatch):
+    from edge.cli import main
+    from edge.evaluate import calibrate
+
+    monkeypatch.setattr(calibrate, "score_folder", _no_scoring)
+    crops, other = tmp_path / "crops", tmp_path / "other"
+    crops.mkdir()
+    other.mkdir()
+    out = ["--out", str(tmp_path / "cam0.thresholds.json")]
+    argv = ["calibrate", "model.pt", str(crops), str(other)]
+    assert main([*argv, str(crops), *out]) == ExitStatus.USAGE
+    assert _last_error_line(capsys) == (
+        f"edge calibrate: {crops}: given twice; its crops would count twice towards the minimum"
+    )
+    again = other / ".." / "crops"
+    assert main([*argv, str(again), *out]) == ExitStatus.USAGE
+    assert _last_error_line(capsys) == (
+        f"edge calibrate: {again}: the same folder as {crops}; its crops would count twice "
+        "towards the minimum"
+    )
+    assert sorted(tmp_path.iterdir()) == [crops, other]

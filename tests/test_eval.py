@@ -428,3 +428,16 @@ def test_edge_eval_names_what_was_given_instead_of_a_checkpoint_or_a_folder(
     checkpoint = str(tiny_checkpoint[0])
     assert main(["eval", checkpoint, checkpoint]) == ExitStatus.INPUT_UNREADABLE
     assert _last_error_line(capsys) == f"edge eval: {checkpoint}: a file, not a folder"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("bad", ["nan", "inf", "-Infinity"])
+def test_edge_eval_refuses_a_threshold_that_is_not_finite(tmp_path, capsys, bad):
+    from edge.cli import main
+
+    with pytest.raises(SystemExit) as caught:
+        main(["eval", "model.pt", str(tmp_path), f"--threshold={bad}"])
+    assert caught.value.code == ExitStatus.USAGE
+    assert _last_error_line(capsys) == (
+        f"edge eval: error: argument --threshold: {bad!r} is not a finite number"
+    )

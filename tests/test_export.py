@@ -255,3 +255,31 @@ def test_export_names_a_graph_or_a_folder_given_as_the_checkpoint(tiny, tmp_path
         f"edge export: {tmp_path}: a folder, not a checkpoint file (.pt)"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_refuses_the_checkpoint_or_a_path_not_ending_in_onnx_as_out(
+    tiny, tmp_path, capsys, monkeypatch
+):
+    from edge.engine import export
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before --out was checked")
+
+    monkeypatch.setattr(export, "load_checkpoint", no_loading)
+    checkpoint = tmp_path / "engines" / "track-edge.pt"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(tiny.checkpoint.read_bytes())
+    before = checkpoint.read_bytes()
+    same = tmp_path / "engines" / ".." / "engines" / "track-edge.pt"  # another spelling
+    assert edge_main(["export", str(checkpoint), "--out", str(same)]) == ExitStatus.USAGE
+    assert _last_error_line(capsys) == (
+        f"edge export: --out {same}: the checkpoint being exported; the graph would overwrite "
+        "it (give engines/NAME.onnx)"
+    )
+    text = tmp_path / "y.txt"
+    assert edge_main(["export", str(checkpoint), "--out", str(text)]) == ExitStatus.USAGE
+    assert _last_error_line(capsys) == (
+        f"edge export: --out {text}: not a .onnx file; the graph is written as NAME.onnx"
+    )
+    assert checkpoint.read_bytes() == before
+    assert sorted(tmp_path.rglob("*")) == [checkpoint.parent, checkpoint]

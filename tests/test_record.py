@@ -90,7 +90,7 @@ def test_cli_records_stills_with_encoder_csv_and_a_tunnel(tmp_path, capsys):
         + ["--mm-per-line", "500", "--start-time-utc", "2025-03-09T10:00:00Z"]
         + ["--encoder-counts-per-line", "5", "--mm-per-encoder-count", "100"]
         + ["--start-lat", "52.0", "--start-lon", "5.0", "--heading-deg", "0", "--speed-kmh", "72"]
-        + ["--tunnel", "20:60", "--telemetry-format", "csv"]
+        + ["--tunnel", "20:60", "--telemetry-format", "csv", "--force"]
     )
     assert status == 0
     summary = json.loads(capsys.readouterr().out)
@@ -230,3 +230,31 @@ def test_cli_names_the_flag_of_a_missing_or_wrong_value(tmp_path, capsys, flags,
 def test_simulated_track_refuses_a_tunnel_ending_before_it_starts():
     with pytest.raises(ValueError, match=r"tunnel \(10, 5\): the start must be before the end"):
         SimulatedTrack(start_lat=0, start_lon=0, heading_deg=0, speed_kmh=10, tunnels=((10, 5),))
+
+
+def test_cli_refuses_to_replace_a_recording_or_its_sidecars_without_force(tmp_path, capsys):
+    cv2.imwrite(str(tmp_path / "strip.png"), np.full((32, 16), 7, np.uint8))
+    flags = ["--strip", str(tmp_path / "strip.png"), *_RUN_FLAGS, *_TRACK_FLAGS]
+    out = tmp_path / "run.mkv"
+    assert main(["record", str(out), *flags]) == 0
+    capsys.readouterr()
+    written = {path: path.read_bytes() for path in tmp_path.iterdir()}
+    sidecars = [tmp_path / "run.json", tmp_path / "run.nmea"]
+    assert sorted(written) == sorted([out, tmp_path / "strip.png", *sidecars])
+
+    def refused(recording, stale) -> None:
+        assert main(["record", str(recording), *flags]) == ExitStatus.USAGE
+        printed = [line for line in capsys.readouterr().err.splitlines() if line[:1] != "{"]
+        assert printed == [
+            f"edge record: {', '.join(map(str, stale))}: already there; give another "
+            "recording name, or --force to replace"
+        ]
+
+    refused(out, [out, *sidecars])
+    # A sidecar alone (the recording deleted, its telemetry kept) is refused as well.
+    (tmp_path / "other.telemetry.csv").write_text("epochs of another run\n")
+    refused(tmp_path / "other.mkv", [tmp_path / "other.telemetry.csv"])
+    assert {path: path.read_bytes() for path in written} == written
+
+    assert main(["record", str(out), *flags, "--force", "--start-lat", "53"]) == 0
+    assert (tmp_path / "run.nmea").read_bytes() != written[tmp_path / "run.nmea"]

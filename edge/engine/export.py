@@ -53,7 +53,7 @@ from edge.engine.metadata import (
     metadata_path,
     write_metadata,
 )
-from edge.errors import EdgeError, ModelInvalidError, check_output_file
+from edge.errors import EdgeError, ModelInvalidError, UsageError, check_output_file
 from edge.logs import get_logger
 from edge.model.checkpoint import load_checkpoint
 from edge.model.detector import DiffFastener
@@ -165,6 +165,27 @@ def _compare_with_torch(model: DiffFastener, onnx_path: Path) -> dict[str, float
     }
 
 
+def check_out(out: str | Path, checkpoint: str | Path | None = None) -> Path:
+    """``out`` as a :class:`Path` if the graph may be written there; checked before any work.
+
+    Raises:
+        UsageError: ``out`` is the checkpoint itself (same resolved path), or does not end in
+            ``.onnx`` (the backends and ``edge build-engine`` tell a graph by that suffix).
+        ConfigInvalidError: ``out`` (or its metadata file) cannot be written.
+    """
+    out = Path(out)
+    if checkpoint and out.resolve() == Path(checkpoint).resolve():
+        raise UsageError(
+            f"--out {out}: the checkpoint being exported; the graph would overwrite it "
+            "(give engines/NAME.onnx)"
+        )
+    out = check_output_file(out, "--out")
+    if out.suffix != ".onnx":
+        raise UsageError(f"--out {out}: not a .onnx file; the graph is written as NAME.onnx")
+    check_output_file(metadata_path(out))
+    return out
+
+
 def export_model(
     model: DiffFastener,
     out: str | Path,
@@ -184,13 +205,13 @@ def export_model(
     Returns:
         the metadata written.
     Raises:
+        UsageError: ``out`` is the checkpoint or no ``.onnx`` path (:func:`check_out`).
         ConfigInvalidError: ``out`` (or its metadata file) cannot be written; checked first.
         ModelInvalidError: the exported graph fails ``onnx.checker`` or the export check.
     """
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ValueError(f"opset must be {MIN_OPSET}..{MAX_OPSET}, got {opset}")
-    out = check_output_file(out, "--out")
-    check_output_file(metadata_path(out))
+    out = check_out(out, checkpoint)
     out.parent.mkdir(parents=True, exist_ok=True)
     model = model.to("cpu").float().eval()
     config = model.config
@@ -265,7 +286,8 @@ def export_model(
 def export_checkpoint(
     checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_OPSET
 ) -> ExportMetadata:
-    """Load a checkpoint and :func:`export_model` it."""
+    """Load a checkpoint and :func:`export_model` it; ``out`` is checked before the loading."""
+    check_out(out, checkpoint)
     model, payload = load_checkpoint(checkpoint)
     return export_model(
         model,

@@ -10,6 +10,14 @@ Several folders may be given; their scores are pooled. Normal crops from more sc
 ballast, clip types) estimate the tail of the normal scores better than one small set: on the
 track photographs, a threshold fitted on 223 crops of 8 scenes flagged about 5 % of the normal
 crops of 8 other scenes, not the 1 % asked for (docs/training.md).
+
+Folders are refused (exit status 2) before any scoring when one is given twice (the same
+resolved path: its crops would count twice towards the minimum), or when its normal crops
+would come from a ``train/good`` split, the crops the model was fitted on, whose scores sit
+low: the root of an ``edge prepare-crops`` output or of an MVTec AD category (read as its
+``train/good``, :func:`edge.evaluate.datasets.training_folder`), or a ``train/good`` folder
+itself. The refusal names the held-out normal folders of that layout (``holdout/test/good``,
+``test/good``) to give instead.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.errors import CalibrationRefusedError, check_output_file
+from edge.errors import CalibrationRefusedError, UsageError, check_output_file
 from edge.logs import configure, get_logger
 from edge.publisher.thresholds import ScoreSummary, Thresholds, now_utc, thresholds_path
 from edge.records import IDENTIFIER
@@ -95,6 +103,57 @@ def score_folder(model_path: Path, data_dir: Path, backend_name: str | None, bat
         return scores, backend.model_id
 
 
+HELD_OUT_NORMAL = (Path("holdout", "test", "good"), Path("test", "good"))
+"""Normal crops kept out of training, under the root of an ``edge prepare-crops`` output
+(both) or an MVTec AD category (``test/good``)."""
+
+
+def _training_split(folder: Path) -> tuple[Path, Path] | None:
+    """``(layout root, train/good folder)`` when the normal crops read from ``folder`` would
+    be its layout's training crops, else ``None``."""
+    if (folder / "train" / "good").is_dir():
+        return folder, folder / "train" / "good"
+    if folder.name == "good" and folder.parent.name == "train":
+        return folder.parent.parent, folder
+    resolved = folder.resolve()  # e.g. "." inside a train/good folder
+    if resolved.name == "good" and resolved.parent.name == "train":
+        return resolved.parent.parent, folder
+    return None
+
+
+def check_data_dirs(data_dirs: list[str]) -> list[Path]:
+    """The normal-crop folders as paths, each once and none of them a training split.
+
+    Raises:
+        UsageError: a folder given twice (same resolved path), or one whose crops would come
+            from a ``train/good`` split; the message names the folder, and the held-out
+            normal folders of its layout.
+    """
+    seen: dict[Path, str] = {}
+    for text in data_dirs:
+        resolved = Path(text).resolve()
+        if resolved in seen:
+            first = seen[resolved]
+            twice = "given twice" if first == text else f"the same folder as {first}"
+            raise UsageError(f"{text}: {twice}; its crops would count twice towards the minimum")
+        seen[resolved] = text
+    for text in data_dirs:
+        split = _training_split(Path(text))
+        if split is None:
+            continue
+        root, train = split
+        held_out = [str(root / name) for name in HELD_OUT_NORMAL if (root / name).is_dir()]
+        instead = (
+            f"normal crops not used in training: {' or '.join(held_out)}"
+            if held_out
+            else "a folder of normal crops not used in training"
+        )
+        raise UsageError(
+            f"{text}: its normal crops would come from {train}, the training split; give {instead}"
+        )
+    return [Path(text) for text in data_dirs]
+
+
 def identifier(text: str) -> str:
     """An argparse type: a vehicle or camera id (:data:`edge.records.IDENTIFIER`); it names
     the file written, so a slash or a leading dot could put it anywhere."""
@@ -135,11 +194,12 @@ def run(args: argparse.Namespace) -> int:
         # No default camera: a forgotten flag must not overwrite another camera's threshold.
         print("edge calibrate: name the camera (--vehicle and --camera) or --out", file=sys.stderr)
         return 2
+    data_dirs = check_data_dirs(args.data_dirs)
     if args.out:
         out = check_output_file(args.out, "--out")
     else:
         out = check_output_file(thresholds_path(args.calibration_dir, args.vehicle, args.camera))
-    per_folder = [score_folder(Path(args.model), Path(d), args.backend) for d in args.data_dirs]
+    per_folder = [score_folder(Path(args.model), d, args.backend) for d in data_dirs]
     scores = np.concatenate([folder_scores for folder_scores, _ in per_folder])
     model_id = per_folder[0][1]
     thresholds = fit_threshold(

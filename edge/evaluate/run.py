@@ -315,6 +315,18 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def finite_float(text: str) -> float:
+    """An argparse type: a finite number (``nan`` and ``inf`` parse as floats, but a threshold
+    of either calls every crop normal, or every one anomalous, with no error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan  # not a number at all: the same refusal
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", type=Path, help="a checkpoint written by edge train")
     parser.add_argument(
@@ -322,7 +334,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     threshold = parser.add_mutually_exclusive_group()
     threshold.add_argument(
-        "--threshold", type=float, help="image-score threshold for precision and recall"
+        "--threshold",
+        type=finite_float,
+        help="image-score threshold for precision and recall (a finite number)",
     )
     threshold.add_argument(
         "--calibration", type=Path, help="calibration JSON whose 'threshold' to use"

@@ -12,6 +12,9 @@ What is written, for ``<dir>/<stem>.mkv``:
   (lines * ``mm_per_line``). A stale sidecar of the other telemetry format is removed, since
   the CSV would otherwise win over new NMEA.
 
+``edge record`` refuses (exit status 2), before reading a frame, to replace a recording or any
+of its sidecars that exists, naming them; ``--force`` replaces them.
+
 Known limit: OpenCV's FFmpeg writer silently crops odd frame sizes to even ones (measured with
 OpenCV 5.1), so odd widths or ``lines_per_frame`` are refused rather than written wrong. A
 frame of another bit depth than the writer's aborts libavutil, so every frame is checked first.
@@ -35,7 +38,13 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from edge.config import ConfigError
-from edge.errors import EdgeError, ExitStatus, TelemetryMissingError
+from edge.errors import (
+    EdgeError,
+    ExitStatus,
+    TelemetryMissingError,
+    UsageError,
+    check_output_file,
+)
 from edge.grabber.sources import StillsSource, read_image
 from edge.logs import get_logger
 from edge.telemetry.csvlog import read_telemetry_csv, write_telemetry_csv
@@ -143,6 +152,14 @@ def _copy_telemetry(source: Path, run: RunInfo, targets) -> Path:
     return target
 
 
+def existing_outputs(recording: str | Path) -> list[Path]:
+    """The files of ``recording`` that writing it would replace: the ``.mkv`` and every
+    sidecar (:func:`edge.telemetry.run.sidecars`) that exists, in that order."""
+    paths = sidecars(recording)
+    candidates = (paths.recording, paths.run_json, paths.nmea, paths.telemetry_csv)
+    return [path for path in candidates if path.exists()]
+
+
 def write_recording(
     recording: str | Path,
     frames: Iterable[np.ndarray],
@@ -151,7 +168,8 @@ def write_recording(
     telemetry_format: TelemetryFormat = "nmea",
     frame_rate_hz: float | None = None,
 ) -> RecordingSummary:
-    """Write ``recording`` (``.mkv``), its ``run.json`` and its telemetry.
+    """Write ``recording`` (``.mkv``), its ``run.json`` and its telemetry, replacing any that
+    exist (``edge record`` refuses to without ``--force``; see :func:`existing_outputs`).
 
     Args:
         recording: the ``.mkv`` path; the folder is created.
@@ -247,6 +265,12 @@ _RUN_FLAGS = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recording", type=Path, help="the .mkv to write; sidecars go beside it")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing recording and its sidecars (.json, .nmea, .telemetry.csv); "
+        "without it they are left as they are and the command fails",
+    )
     frames = parser.add_mutually_exclusive_group(required=True)
     frames.add_argument("--stills", type=Path, help="folder of images, one frame each")
     frames.add_argument("--strip", type=Path, help="one long image, lines along track top-down")
@@ -398,7 +422,22 @@ def _simulated_track(args: argparse.Namespace) -> SimulatedTrack:
         raise ValueError(_flag_problems(error, SimulatedTrack)) from error
 
 
+def _check_recording(recording: Path, force: bool) -> None:
+    """Refuses, before any frame is read, a recording that is no ``.mkv``, cannot be written,
+    or would replace files of an earlier recording without ``--force``."""
+    if recording.suffix.lower() != ".mkv":
+        raise ValueError(f"{recording}: a recording is a Matroska .mkv file")
+    check_output_file(recording)
+    existing = existing_outputs(recording)
+    if existing and not force:
+        raise UsageError(
+            f"{', '.join(map(str, existing))}: already there; give another recording name, "
+            "or --force to replace"
+        )
+
+
 def _record(args: argparse.Namespace) -> RecordingSummary:
+    _check_recording(args.recording, args.force)
     stills = StillsSource(args.stills) if args.stills else None
     run = _run_info(args, stills.frame_shape[0] if stills else None)
     if args.telemetry is not None:
