@@ -119,36 +119,43 @@ def test_a_missing_telemetry_sidecar_ends_with_status_5(shared, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_json_of_other_frame_height_ends_with_status_8_naming_both_files(shared, tmp_path):
-    recording = _copy_recording(shared, tmp_path / "other-height")
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        (
+            "lines_per_frame",
+            LINES_PER_FRAME // 2,
+            "{recording}: its frames have {lines} lines, {run_json} says lines_per_frame {value}: "
+            "every fastener would be placed at the wrong mileage (is this the run's recording?)",
+        ),
+        (
+            "mm_per_line",
+            GEOMETRY.mm_per_line * 10,
+            "{run_json} says mm_per_line {value:g}, {geometry} says {pitch:g}: one of them is "
+            "wrong, and with it every mileage or every crop (they may differ by 2 % at most)",
+        ),
+    ],
+)
+def test_a_run_json_that_disagrees_with_the_frames_or_geometry_ends_with_status_8(
+    shared, tmp_path, key, value, problem
+):
+    recording = _copy_recording(shared, tmp_path / key)
     run_json = recording.with_suffix(".json")
     run = json.loads(run_json.read_text())
-    run["lines_per_frame"] = LINES_PER_FRAME // 2
+    run[key] = value
     run_json.write_text(json.dumps(run))
     status, _, stderr = _replay(shared, recording)
     assert status == ExitStatus.CONFIG_INVALID == 8
-    assert _message(stderr) == (
-        f"edge-replay: {recording}: its frames have {LINES_PER_FRAME} lines, {run_json} says "
-        f"lines_per_frame {LINES_PER_FRAME // 2}: every fastener would be placed at the wrong "
-        "mileage (is this the run's recording?)"
-    )
-
-
-@pytest.mark.slow
-def test_a_run_json_of_other_line_pitch_than_the_geometry_ends_with_status_8(shared, tmp_path):
-    recording = _copy_recording(shared, tmp_path / "other-pitch")
-    run_json = recording.with_suffix(".json")
-    run = json.loads(run_json.read_text())
-    run["mm_per_line"] = GEOMETRY.mm_per_line * 10
-    run_json.write_text(json.dumps(run))
-    status, _, stderr = _replay(shared, recording)
-    assert status == ExitStatus.CONFIG_INVALID
     geometry = shared.detector.calibration / "TIV-test" / "cam0.geometry.json"
-    assert _message(stderr) == (
-        f"edge-replay: {run_json} says mm_per_line {GEOMETRY.mm_per_line * 10:g}, {geometry} "
-        f"says {GEOMETRY.mm_per_line:g}: one of them is wrong, and with it every mileage or "
-        "every crop (they may differ by 2 % at most)"
+    message = problem.format(
+        recording=recording,
+        run_json=run_json,
+        geometry=geometry,
+        lines=LINES_PER_FRAME,
+        pitch=GEOMETRY.mm_per_line,
+        value=value,
     )
+    assert _message(stderr) == f"edge-replay: {message}"
 
 
 @pytest.mark.slow
