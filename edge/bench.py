@@ -53,12 +53,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edge.argtypes import non_negative_int, positive_int
 from edge.errors import UsageError
 from edge.logs import configure, get_logger
 from edge.model.config import PRESETS, ModelConfig, preset
 from edge.model.detector import DiffFastener, to_unit_range
 from edge.model.info import model_info
-from edge.pipeline.replay import check_recording_file, non_negative_int, positive_int
+from edge.pipeline.replay import check_recording_file
 
 log = get_logger(__name__)
 

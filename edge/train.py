@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from edge.argtypes import positive_int
 from edge.config import ConfigError, StrictModel, describe
 from edge.errors import ConfigInvalidError, check_output_folder
 from edge.evaluate.datasets import load_normal_images, load_test_set
@@ -506,7 +507,6 @@ def even_batch_size(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from edge.pipeline.replay import positive_int
 
     parser.add_argument("data_dir", help="folder of normal crops, or an MVTec category folder")
     parser.add_argument("--config", help="TrainConfig JSON; flags below override it")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.argtypes import positive_int
 from edge.errors import UsageError, check_output_file, check_output_folder
 from edge.evaluate.datasets import CropSet, load_normal_images, load_test_set, stratified_folds
 from edge.logs import configure, get_logger
@@ -98,7 +99,6 @@ def fold_count(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from edge.model.config import PRESETS
-    from edge.pipeline.replay import positive_int
 
     parser.add_argument("data_dir", help="MVTec-layout folder (train/good, test/...)")
     parser.add_argument("--config", help="TrainConfig JSON for each fold")

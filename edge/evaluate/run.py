@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from edge.argtypes import finite_float
 from edge.errors import (
     ConfigInvalidError,
     EdgeError,
@@ -313,18 +314,6 @@ def format_table(summary: dict) -> str:
     lines = [f"{'metric':<{width}}  {'model':>10}  {'baseline':>10}"]
     lines += [f"{key:<{width}}  {cell(m):>10}  {cell(b):>10}" for key, m, b in rows]
     return "\n".join(lines)
-
-
-def finite_float(text: str) -> float:
-    """An argparse type: a finite number (``nan`` and ``inf`` parse as floats, but a threshold
-    of either calls every crop normal, or every one anomalous, with no error)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan  # not a number at all: the same refusal
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -34,13 +34,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
+from edge.argtypes import positive_float, positive_int
 from edge.errors import (
     ConfigInvalidError,
     EdgeError,
@@ -104,30 +104,6 @@ EXIT_STATUSES = """exit statuses:
      complete frame was processed)     8  calibration or config file invalid
   4  no fastener found                11  pipeline failed (restart limit)
   5  run.json or telemetry missing   130  interrupted (Ctrl-C)"""
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1 (argparse turns the error into status 2)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a whole number of at least 1")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """An argparse type: a finite number over 0."""
-    value = float(text)
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text} is not a number over 0")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """An argparse type: a whole number of at least 0 (0 where an option means "automatic")."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a whole number of at least 0")
-    return value
 
 
 def cpu_list(text: str) -> tuple[int, ...]:
